@@ -1,0 +1,135 @@
+"""The `pdprune` command line: `pdprune train` prunes a model on a dataset and writes the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pdprune._version import __version__
+from pdprune.checkpoint import save_checkpoint
+from pdprune.data import DATASETS, load_dataset
+from pdprune.models import MODELS, build_model
+from pdprune.pruner import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PDPPruner, PruningConfig
+from pdprune.schedule import ALLOCATIONS, ScheduleConfig
+from pdprune.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, train
+
+WARMUP_FRACTION = 0.1
+RAMP_END_FRACTION = 0.5
+"""Default schedule as fractions of the epochs: dense for the first 10%, at the target from 50% on."""
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--dataset", default="digits", choices=sorted(DATASETS), help="default: %(default)s (bundled, no download)")
+    data.add_argument("--model", default="mlp", choices=sorted(MODELS), help="default: %(default)s")
+    data.add_argument("--data-dir", default=None, help="directory of the datasets (default: $PDPRUNE_DATA)")
+    pruning = parser.add_argument_group("pruning")
+    pruning.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights to prune (default: %(default)s)")
+    pruning.add_argument("--structure", default="unstructured", help="'unstructured' or N:M such as 2:4 (default: %(default)s)")
+    pruning.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="default: %(default)s")
+    pruning.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="tau of the soft mask (default: %(default)s)")
+    pruning.add_argument("--temperature-mode", default="relative", choices=TEMPERATURE_MODES, help="default: %(default)s")
+    pruning.add_argument("--warmup-epochs", type=float, default=None, help=f"dense epochs first (default: {WARMUP_FRACTION:.0%} of --epochs)")
+    pruning.add_argument("--ramp-end-epoch", type=float, default=None, help=f"epoch at which the target is reached (default: {RAMP_END_FRACTION:.0%} of --epochs)")
+    pruning.add_argument("--include", action="append", default=[], metavar="PATTERN", help="prune only modules matching (repeatable)")
+    pruning.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune modules matching (repeatable)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=30, help="default: %(default)s")
+    training.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    training.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="default: %(default)s")
+    training.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
+    training.add_argument("--weight-decay", type=float, default=5e-4, help="default: %(default)s")
+    training.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES, help="default: %(default)s")
+    training.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    training.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<dataset>-<model>-<time>)")
+    output.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
+    output.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfig, PruningConfig]:
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
+    )
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else round(WARMUP_FRACTION * args.epochs, 2)
+    ramp_end = args.ramp_end_epoch if args.ramp_end_epoch is not None else max(warmup, round(RAMP_END_FRACTION * args.epochs, 2))
+    pruning_config = PruningConfig(
+        sparsity=args.sparsity, structure=args.structure, allocation=args.allocation,
+        temperature=args.temperature, temperature_mode=args.temperature_mode,
+        include=tuple(args.include), exclude=tuple(args.exclude),
+        schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch),
+    )
+    return train_config, pruning_config
+
+
+def _seeded_model(args: argparse.Namespace, dataset) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    return build_model(args.model, dataset.input_shape, dataset.num_classes).to(args.device)
+
+
+def command_train(args: argparse.Namespace) -> int:
+    dataset = load_dataset(args.dataset, args.data_dir)
+    train_config, pruning_config = _configs(args, dataset.steps_per_epoch(args.batch_size))
+    out = args.out or Path("runs") / f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    dense = None
+    if not args.no_dense:
+        dense = train(_seeded_model(args, dataset), dataset, train_config, progress=not args.quiet, description="dense")
+    model = _seeded_model(args, dataset)
+    pruner = PDPPruner(model, pruning_config)
+    pruned = train(model, dataset, train_config, pruner, progress=not args.quiet, description="PDP")
+    report = pruner.report()
+
+    save_checkpoint(out / "model.pt", {
+        "model": model.state_dict(), "model_name": args.model, "dataset": args.dataset,
+        "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+    })
+    (out / "report.md").write_text(report.table() + "\n")
+    run = {
+        "pdprune_version": __version__, "torch_version": torch.__version__,
+        "command": " ".join(["pdprune", *sys.argv[1:]]),
+        "dataset": args.dataset, "model": args.model,
+        "train_config": asdict(train_config), "pruning_config": pruning_config.to_dict(),
+        "dense": None if dense is None else asdict(dense), "pdp": asdict(pruned), "report": report.to_dict(),
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    print(f"\n{report.table()}\n")
+    primary = dataset.primary_evaluation
+    if dense is not None:
+        print(f"dense accuracy ({primary}):  {100 * dense.accuracy[primary]:.2f}%  ({dense.seconds:.1f} s training)")
+    print(f"PDP accuracy ({primary}):    {100 * pruned.accuracy[primary]:.2f}%  at {100 * report.sparsity:.2f}% sparsity  ({pruned.seconds:.1f} s training)")
+    print(f"wrote {out / 'model.pt'}, {out / 'report.md'}, {out / 'run.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdprune", description="Parameter-free Differentiable Pruning for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"pdprune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="prune a model on a dataset to a target sparsity")
+    _add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=command_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        parser.exit(2, f"pdprune {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

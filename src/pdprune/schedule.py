@@ -1,0 +1,134 @@
+"""PDP's training schedule: dense warm-up, per-layer budgets, then a linear ramp to the budgets.
+
+Cho et al. (2023), Sec. 3: after `warmup_epochs` of dense training the per-layer targets r_l come from
+one global magnitude sort, and layer l is pruned at r_l(e) = min(1, eps * (e - s + 1)) * r_l in epoch e.
+Epochs may be fractional: calling `step()` once per optimizer step with `steps_per_epoch` set moves the
+ramp smoothly; calling it once per epoch with `steps_per_epoch=1` reproduces the paper's per-epoch steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ScheduleConfig", "Schedule", "global_budgets", "uniform_budgets", "ALLOCATIONS"]
+
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When pruning starts and how fast it reaches the target.
+
+    Args:
+        warmup_epochs: epochs of dense training before any mask applies (the paper's s).
+        ramp_rate: eps, the fraction of the target added per epoch (public PDP code uses 0.015).
+        ramp_end_epoch: alternatively, the epoch by which the target is reached; sets eps to
+            1 / (ramp_end_epoch - warmup_epochs + 1). Give at most one of the two.
+        steps_per_epoch: how many `step()` calls make one epoch (1 when stepping once per epoch).
+    """
+
+    warmup_epochs: float = 1.0
+    ramp_rate: float | None = None
+    ramp_end_epoch: float | None = None
+    steps_per_epoch: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        if self.ramp_rate is not None and self.ramp_end_epoch is not None:
+            raise ValueError(
+                f"give ramp_rate or ramp_end_epoch, not both (got {self.ramp_rate} and {self.ramp_end_epoch})"
+            )
+        if self.ramp_rate is not None and not (0 < self.ramp_rate <= 1):
+            raise ValueError(f"ramp_rate must be in (0, 1], got {self.ramp_rate}; e.g. 0.015 per epoch")
+        if self.ramp_end_epoch is not None and not self.ramp_end_epoch >= self.warmup_epochs:
+            raise ValueError(
+                f"ramp_end_epoch must be >= warmup_epochs ({self.warmup_epochs}), got {self.ramp_end_epoch}"
+            )
+        if isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
+            raise ValueError(
+                f"steps_per_epoch must be an int >= 1, got {self.steps_per_epoch!r}; "
+                "pass len(train_loader) when calling step() after every optimizer step"
+            )
+
+    @property
+    def epsilon(self) -> float:
+        """The per-epoch ramp rate eps, whichever way it was given (0.015 if neither)."""
+        if self.ramp_end_epoch is not None:
+            return 1.0 / (self.ramp_end_epoch - self.warmup_epochs + 1)
+        return 0.015 if self.ramp_rate is None else self.ramp_rate
+
+    def ramp_fraction(self, epoch: float) -> float:
+        """min(1, eps * (e - s + 1)) after warm-up, 0 during it: the fraction of each budget applied."""
+        if epoch < self.warmup_epochs:
+            return 0.0
+        return min(1.0, self.epsilon * (epoch - self.warmup_epochs + 1))
+
+
+class Schedule:
+    """Where training stands in the schedule: the count of `step()` calls, nothing else."""
+
+    def __init__(self, config: ScheduleConfig) -> None:
+        self.config = config
+        self.steps_done = 0
+
+    @property
+    def epoch(self) -> float:
+        return self.steps_done / self.config.steps_per_epoch
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.epoch < self.config.warmup_epochs
+
+    @property
+    def ramp_fraction(self) -> float:
+        return self.config.ramp_fraction(self.epoch)
+
+    def step(self) -> None:
+        self.steps_done += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.steps_done = int(state["steps_done"])
+
+
+def uniform_budgets(sizes: Mapping[str, int], sparsity: float) -> dict[str, float]:
+    """Every tensor pruned at the same `sparsity`."""
+    return {name: sparsity for name in sizes}
+
+
+def global_budgets(squared_magnitudes: Mapping[str, Tensor], sparsity: float) -> dict[str, float]:
+    """Per-tensor sparsities from one magnitude sort over all tensors together.
+
+    The round(sparsity * N) smallest magnitudes of the whole model are pruned; each tensor's budget is
+    the fraction of its own weights among them, so that sum(r_l * n_l) equals the global count exactly.
+    Ties at the cut go to tensors in the order given (then by index), the same on every process.
+
+    Args:
+        squared_magnitudes: name -> tensor of squared weights (any shape).
+        sparsity: the fraction of all weights to prune, in [0, 1).
+    Returns:
+        name -> budget r_l, the fraction of that tensor to prune.
+    """
+    flat = {name: values.detach().flatten() for name, values in squared_magnitudes.items()}
+    total = sum(values.numel() for values in flat.values())
+    pruned = int(round(sparsity * total))
+    if pruned == 0:
+        return {name: 0.0 for name in flat}
+    # The pruned-th smallest value over the whole model: one selection, then counts per tensor.
+    cut = torch.cat([values.float().cpu() for values in flat.values()]).kthvalue(pruned).values
+    below = {name: int((values.float() < cut).sum()) for name, values in flat.items()}
+    ties_left = pruned - sum(below.values())
+    budgets = {}
+    for name, values in flat.items():
+        ties = min(ties_left, int((values.float() == cut).sum()))
+        ties_left -= ties
+        budgets[name] = (below[name] + ties) / values.numel()
+    return budgets

@@ -1,0 +1,176 @@
+"""The one training loop, used by the CLI and the benchmarks: plain PyTorch, top to bottom."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pdprune.checkpoint import load_checkpoint, save_checkpoint
+from pdprune.data.dataset import Dataset, batches
+
+__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate"]
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class PruningMethod(Protocol):
+    """What the loop needs of a pruning method: PDP's pruner and every baseline fit it."""
+
+    def step(self) -> None: ...
+    def finalize(self) -> nn.Module: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, learning-rate schedule and budget of one training run."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class TrainResult:
+    """Final accuracy per evaluation split (fractions), per-epoch history, wall-clock seconds."""
+
+    accuracy: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of `model` on (inputs, labels), a fraction in [0, 1]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            y = labels[start : start + batch_size].to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+    model.train(was_training)
+    return correct / len(inputs)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+            weight_decay=config.weight_decay, nesterov=config.momentum > 0,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = config.epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    method: PruningMethod | None = None,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train `model` on `dataset`; if `method` is given, step it after every optimizer step and
+    finalize it at the end. With `checkpoint_path`, every epoch is saved and a rerun resumes there.
+
+    The learning rate follows the schedule per optimizer step; the data order comes from `config.seed`.
+    """
+    device = next(model.parameters()).device
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    optimizer = _optimizer(model, config)
+    lr_schedule = _lr_schedule(optimizer, config, steps_per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    first_epoch, seconds = 0, 0.0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        if state["train_config"] != asdict(config):
+            raise ValueError(
+                f"checkpoint {str(checkpoint_path)!r} belongs to another run (train config differs); "
+                "delete it or pass another checkpoint path"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        if method is not None:
+            method.load_state_dict(state["method"])
+        generator.set_state(state["generator"])
+        first_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
+
+    primary = dataset.primary_evaluation
+    epochs = tqdm(range(first_epoch, config.epochs), desc=description, disable=not progress, initial=first_epoch, total=config.epochs)
+    for epoch in epochs:
+        started = time.perf_counter()
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for x, y in batches(dataset.train_inputs, dataset.train_labels, config.batch_size, generator, dataset.augment):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_schedule.step()
+            if method is not None:
+                method.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+        seconds += time.perf_counter() - started
+        accuracy = evaluate(model, *dataset.evaluations[primary])
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, f"{primary}_accuracy": accuracy})
+        epochs.set_postfix(loss=f"{loss_sum / seen:.3f}", accuracy=f"{100 * accuracy:.2f}%")
+        if checkpoint_path is not None and epoch + 1 < config.epochs:
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(),
+                "method": None if method is None else method.state_dict(),
+                "generator": generator.get_state(),
+                "epoch": epoch + 1,
+                "history": history,
+                "seconds": seconds,
+                "train_config": asdict(config),
+            })
+    if method is not None:
+        method.finalize()
+    accuracy = {name: evaluate(model, x, y) for name, (x, y) in dataset.evaluations.items()}
+    return TrainResult(accuracy, history, seconds)

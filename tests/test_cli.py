@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdprune.checkpoint import load_checkpoint
+from pdprune.cli import main
+from pdprune.data import load_dataset
+from pdprune.models import build_model
+from pdprune.train import evaluate
+
+
+def test_train_on_bundled_digits_at_90_percent_stays_within_two_points_of_dense(tmp_path, capsys):
+    assert main(["train", "--sparsity", "0.9", "--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense accuracy (test)" in printed and "PDP accuracy (test)" in printed and "| total" in printed
+    run = json.loads((tmp_path / "run.json").read_text())
+    dense, pdp = run["dense"]["accuracy"]["test"], run["pdp"]["accuracy"]["test"]
+    assert run["report"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert dense > 0.95
+    assert pdp >= dense - 0.02, f"PDP {pdp:.4f} vs dense {dense:.4f}"
+    assert run["pruning_config"]["sparsity"] == 0.9 and run["train_config"]["epochs"] == 30
+    assert (tmp_path / "report.md").read_text().startswith("| tensor")
+
+    saved = load_checkpoint(tmp_path / "model.pt")
+    digits = load_dataset("digits")
+    model = build_model(saved["model_name"], tuple(saved["input_shape"]), saved["num_classes"])
+    model.load_state_dict(saved["model"])
+    assert evaluate(model, *digits.evaluations["test"]) == pytest.approx(pdp)
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * sum(w.numel() for w in weights))
+
+
+def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--sparsity", "1.5", "--out", str(tmp_path), "--quiet", "--no-dense"])
+    assert exit_info.value.code == 2
+    assert "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    executable = shutil.which("pdprune", path=str(Path(sys.executable).parent))
+    assert executable is not None, "pip install -e . provides the pdprune command next to python"
+    result = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("pdprune ")

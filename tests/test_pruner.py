@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pdprune import PDPPruner, PruningConfig, ScheduleConfig, load_checkpoint, save_checkpoint
+from pdprune.masks import pruned_count
+
+IMMEDIATE = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)
+
+
+def _train_steps(model, pruner, optimizer, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 3, 6, 6, generator=generator)
+        y = torch.randint(0, 4, (8,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+
+
+def test_attaches_parametrizations_and_computes_dense_during_warmup(tiny_convnet):
+    x = torch.randn(2, 3, 6, 6)
+    dense_output = tiny_convnet(x)
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.8))
+    assert pruner.tensor_names == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert all(parametrize.is_parametrized(m, "weight") for m in (tiny_convnet.conv1, tiny_convnet.conv2, tiny_convnet.fc))
+    assert not parametrize.is_parametrized(tiny_convnet.bn1)
+    torch.testing.assert_close(tiny_convnet(x), dense_output)
+    assert len(list(tiny_convnet.parameters())) == 8, "no extra trainable parameters"
+
+
+def test_soft_mask_applies_after_warmup_and_gradients_reach_the_dense_weights(tiny_convnet):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.8, schedule=IMMEDIATE))
+    assert pruner.current_sparsity("fc.weight") > 0
+    original = tiny_convnet.fc.parametrizations.weight.original
+    effective = tiny_convnet.fc.weight
+    below_half = float((effective.abs() < 0.5 * original.abs()).float().mean())
+    assert below_half == pytest.approx(pruner.current_sparsity("fc.weight"), abs=1.5 / original.numel())
+    tiny_convnet(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert original.grad is not None and bool((original.grad != 0).any())
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_finalize_hits_the_exact_count_and_loads_into_the_plain_model(tiny_convnet, allocation):
+    reference = copy.deepcopy(tiny_convnet)
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.75, allocation=allocation, schedule=IMMEDIATE))
+    _train_steps(tiny_convnet, pruner, torch.optim.SGD(tiny_convnet.parameters(), lr=0.05), 5)
+    model = pruner.finalize()
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    total_zeros, total = 0, 0
+    for name in pruner.tensor_names:
+        weight = model.get_submodule(name.removesuffix(".weight")).weight
+        budget = pruner.budgets[name]
+        if allocation == "uniform":
+            assert budget == 0.75
+        assert int((weight == 0).sum()) == pruned_count(budget, weight.numel())
+        total_zeros += int((weight == 0).sum())
+        total += weight.numel()
+    assert abs(total_zeros - pruned_count(0.75, total)) <= len(pruner.tensor_names)
+    report = pruner.report()
+    assert report.sparsity == pytest.approx(total_zeros / total)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 6, 6)
+    model.eval(), reference.eval()
+    torch.testing.assert_close(reference(x), model(x))
+
+
+def test_finalize_keeps_exactly_the_weights_whose_soft_mask_is_at_least_half(tiny_mlp):
+    pruner = PDPPruner(tiny_mlp, PruningConfig(sparsity=0.6, allocation="uniform", schedule=IMMEDIATE))
+    soft = {name: tiny_mlp.get_submodule(name[:-7]).parametrizations.weight[0] for name in pruner.tensor_names}
+    originals = {name: tiny_mlp.get_submodule(name[:-7]).parametrizations.weight.original.detach().clone() for name in pruner.tensor_names}
+    expected = {name: soft[name].soft_mask(originals[name], 0.6) >= 0.5 for name in pruner.tensor_names}
+    pruner.finalize()
+    for name in pruner.tensor_names:
+        assert torch.equal(tiny_mlp.get_submodule(name[:-7]).weight != 0, expected[name])
+
+
+def test_resume_mid_training_is_bit_exact(tiny_convnet, tmp_path):
+    config = PruningConfig(sparsity=0.8, schedule=ScheduleConfig(warmup_epochs=3, ramp_end_epoch=8))
+    straight_model = copy.deepcopy(tiny_convnet)
+    straight_pruner = PDPPruner(straight_model, config)
+    straight_optimizer = torch.optim.SGD(straight_model.parameters(), lr=0.05, momentum=0.9)
+    _train_steps(straight_model, straight_pruner, straight_optimizer, 5, seed=1)
+    _train_steps(straight_model, straight_pruner, straight_optimizer, 5, seed=2)
+
+    model = copy.deepcopy(tiny_convnet)
+    pruner = PDPPruner(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train_steps(model, pruner, optimizer, 5, seed=1)
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()})
+
+    torch.manual_seed(123)
+    from tests.conftest import TinyConvNet
+
+    resumed_model = TinyConvNet()
+    resumed_pruner = PDPPruner(resumed_model, config)
+    resumed_optimizer = torch.optim.SGD(resumed_model.parameters(), lr=0.05, momentum=0.9)
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    resumed_model.load_state_dict(state["model"])
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    resumed_pruner.load_state_dict(state["pruner"])
+    _train_steps(resumed_model, resumed_pruner, resumed_optimizer, 5, seed=2)
+
+    for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name
+    for name in straight_pruner.tensor_names:
+        module = name.removesuffix(".weight")
+        assert torch.equal(straight_model.get_submodule(module).weight, resumed_model.get_submodule(module).weight)
+    assert straight_pruner.state_dict() == resumed_pruner.state_dict()
+
+
+def test_model_state_dict_alone_carries_the_current_sparsity(tiny_convnet):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    state = tiny_convnet.state_dict()
+    assert state["fc.parametrizations.weight.0._extra_state"]["sparsity"] == pruner.current_sparsity("fc.weight")
+    from tests.conftest import TinyConvNet
+
+    other = TinyConvNet()
+    PDPPruner(other, PruningConfig(sparsity=0.5))  # still in warm-up: sparsity 0
+    other.load_state_dict(state)
+    x = torch.randn(2, 3, 6, 6)
+    tiny_convnet.eval(), other.eval()
+    torch.testing.assert_close(other(x), tiny_convnet(x))
+
+
+def test_state_dict_is_weights_only_safe(tiny_convnet, tmp_path):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    torch.save(pruner.state_dict(), tmp_path / "p.pt")
+    assert torch.load(tmp_path / "p.pt", weights_only=True) == pruner.state_dict()
+
+
+def test_detach_restores_the_dense_weights(tiny_convnet):
+    before = {k: v.clone() for k, v in tiny_convnet.state_dict().items()}
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.9, schedule=IMMEDIATE))
+    pruner.detach()
+    after = tiny_convnet.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_include_exclude_and_embedding(tiny_convnet):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(include=("conv*",), exclude=("conv1",)))
+    assert pruner.tensor_names == ["conv2.weight"]
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
+    pruner = PDPPruner(model, PruningConfig(module_types=("Embedding", "Linear")))
+    assert pruner.tensor_names == ["0.weight", "1.weight"]
+
+
+def test_report_lists_every_tensor_with_target_and_current(tiny_convnet):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.5, allocation="uniform", schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=0.5)))
+    report = pruner.report()
+    assert [layer.name for layer in report.layers] == pruner.tensor_names
+    assert report.target == pytest.approx(0.5)
+    assert all(layer.current == pytest.approx(0.25) for layer in report.layers)
+    table = report.table()
+    assert "conv2.weight" in table and "50.00%" in table and "total" in table
+    assert report.to_dict()["layers"][0]["target"] == 0.5
+
+
+def test_finalize_before_the_ramp_ends_warns():
+    model = nn.Linear(10, 10)
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=0.5)))
+    with pytest.warns(UserWarning, match=r"finalize\(\) at 50% of the ramp"):
+        pruner.finalize()
+    assert int((model.weight == 0).sum()) == 50
+
+
+# --- Bad input: specific errors, nothing half-modified -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"sparsity": 1.2}, ValueError, r"sparsity must be in \[0, 1\), got 1.2; pass a fraction, e.g. 0.9"),
+        ({"sparsity": -0.1}, ValueError, r"sparsity must be in \[0, 1\), got -0.1"),
+        ({"sparsity": math.nan}, ValueError, r"sparsity must be in \[0, 1\), got nan"),
+        ({"sparsity": 1.0}, ValueError, r"sparsity must be in \[0, 1\), got 1.0"),
+        ({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0, got 0.0"),
+        ({"temperature": -1e-4}, ValueError, r"temperature must be a finite number > 0"),
+        ({"temperature_mode": "cold"}, ValueError, r"temperature_mode must be one of \('relative', 'absolute'\), got 'cold'"),
+        ({"allocation": "greedy"}, ValueError, r"allocation must be one of \('global', 'uniform'\), got 'greedy'"),
+        ({"structure": "4:2"}, ValueError, r"structure '4:2' needs 0 < N < M"),
+        ({"structure": "blocks"}, ValueError, r"structure must be 'unstructured' or 'N:M'"),
+        ({"module_types": ("LSTM",)}, ValueError, r"module_types must name some of"),
+        ({"include": "fc"}, TypeError, r"include must be a tuple of strings, got the string 'fc'; wrap it"),
+    ],
+)
+def test_config_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        PruningConfig(**kwargs)
+
+
+def test_model_without_prunable_layers_is_refused():
+    with pytest.raises(ValueError, match=r"no prunable layer selected: the model has no module of types"):
+        PDPPruner(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+
+
+def test_pattern_matching_nothing_is_refused_and_nothing_is_attached(tiny_convnet):
+    with pytest.raises(ValueError, match=r"pattern 'layer9\*' matches no module .*module names look like \['conv1'"):
+        PDPPruner(tiny_convnet, PruningConfig(exclude=("layer9*",)))
+    assert not any(parametrize.is_parametrized(m) for m in tiny_convnet.modules())
+
+
+def test_nan_weight_is_named_and_nothing_is_attached(tiny_convnet):
+    with torch.no_grad():
+        tiny_convnet.conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight 'conv2.weight' holds NaN or Inf"):
+        PDPPruner(tiny_convnet)
+    assert not any(parametrize.is_parametrized(m) for m in tiny_convnet.modules())
+
+
+def test_nan_appearing_during_training_is_named_at_finalize_and_the_model_stays_attached(tiny_convnet):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(schedule=IMMEDIATE))
+    with torch.no_grad():
+        tiny_convnet.fc.parametrizations.weight.original[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"weight 'fc.weight' holds NaN or Inf"):
+        pruner.finalize()
+    assert all(parametrize.is_parametrized(m, "weight") for m in (tiny_convnet.conv1, tiny_convnet.conv2, tiny_convnet.fc))
+
+
+def test_attaching_twice_is_refused(tiny_convnet):
+    PDPPruner(tiny_convnet)
+    with pytest.raises(RuntimeError, match=r"a PDP mask is already attached to 'conv1'"):
+        PDPPruner(tiny_convnet)
+
+
+@pytest.mark.parametrize("action", ["step", "finalize", "detach"])
+def test_using_the_pruner_after_finalize_is_refused(tiny_convnet, action):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(schedule=IMMEDIATE))
+    pruner.finalize()
+    with pytest.raises(RuntimeError, match=rf"{action}\(\) after finalize\(\)/detach\(\)"):
+        getattr(pruner, action)()
+
+
+def test_loading_state_from_another_model_is_refused(tiny_convnet, tiny_mlp):
+    state = PDPPruner(tiny_mlp).state_dict()
+    pruner = PDPPruner(tiny_convnet)
+    with pytest.raises(ValueError, match=r"saved for a different model: tensors missing here \['0.weight'"):
+        pruner.load_state_dict(state)
+    assert pruner.schedule.steps_done == 0
+
+
+def test_loading_state_with_another_config_is_refused(tiny_convnet):
+    from tests.conftest import TinyConvNet
+
+    state = PDPPruner(TinyConvNet(), PruningConfig(sparsity=0.5)).state_dict()
+    with pytest.raises(ValueError, match=r"different config \(fields \['sparsity'\] differ\)"):
+        PDPPruner(tiny_convnet, PruningConfig(sparsity=0.9)).load_state_dict(state)
+
+
+def test_nm_on_an_incompatible_layer_is_refused_and_nothing_attached(tiny_convnet):
+    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of 'conv1.weight' \(shape \(8, 3, 3, 3\)\) to be a multiple of 4"):
+        PDPPruner(tiny_convnet, PruningConfig(structure="2:4"))
+    assert not any(parametrize.is_parametrized(m) for m in tiny_convnet.modules())

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdprune.masks import pruned_count
+from pdprune.schedule import Schedule, ScheduleConfig, global_budgets, uniform_budgets
+
+
+def test_ramp_follows_the_paper_formula():
+    config = ScheduleConfig(warmup_epochs=2, ramp_rate=0.25)
+    assert [config.ramp_fraction(e) for e in range(8)] == [0, 0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_ramp_end_epoch_reaches_the_target_exactly_then():
+    config = ScheduleConfig(warmup_epochs=1, ramp_end_epoch=4)
+    assert config.ramp_fraction(0.99) == 0
+    assert config.ramp_fraction(3.99) < 1
+    assert config.ramp_fraction(4) == pytest.approx(1.0)
+
+
+def test_schedule_counts_steps_into_fractional_epochs():
+    schedule = Schedule(ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2, steps_per_epoch=4))
+    fractions = []
+    for _ in range(8):
+        schedule.step()
+        fractions.append(schedule.ramp_fraction)
+    assert fractions[:3] == [0, 0, 0]
+    assert fractions[3] == pytest.approx(0.5) and fractions[-1] == pytest.approx(1.0)
+    assert fractions == sorted(fractions)
+    restored = Schedule(schedule.config)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.epoch == schedule.epoch == 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=6), sparsity=st.floats(0, 0.99), seed=st.integers(0, 999))
+def test_global_budgets_sum_to_the_target_count(sizes, sparsity, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {f"l{i}": torch.randn(size, generator=generator).square() * (i + 1) for i, size in enumerate(sizes)}
+    budgets = global_budgets(tensors, sparsity)
+    pruned = sum(pruned_count(budgets[name], t.numel()) for name, t in tensors.items())
+    assert pruned == pruned_count(sparsity, sum(sizes))
+    assert all(0 <= budget <= 1 for budget in budgets.values())
+
+
+def test_global_budgets_give_small_weight_layers_more_sparsity_and_split_ties_deterministically():
+    tensors = {"small": torch.full((10,), 0.01), "large": torch.full((10,), 1.0)}
+    assert global_budgets(tensors, 0.5) == {"small": 1.0, "large": 0.0}
+    ties = {"a": torch.ones(4), "b": torch.ones(4)}
+    assert global_budgets(ties, 0.25) == {"a": 0.5, "b": 0.0}
+
+
+def test_uniform_budgets():
+    assert uniform_budgets({"a": 3, "b": 10}, 0.8) == {"a": 0.8, "b": 0.8}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"warmup_epochs": -1}, r"warmup_epochs must be a finite number >= 0, got -1"),
+        ({"ramp_rate": 0.1, "ramp_end_epoch": 3}, r"give ramp_rate or ramp_end_epoch, not both"),
+        ({"ramp_rate": 0.0}, r"ramp_rate must be in \(0, 1\], got 0.0"),
+        ({"warmup_epochs": 3, "ramp_end_epoch": 2}, r"ramp_end_epoch must be >= warmup_epochs \(3\), got 2"),
+        ({"steps_per_epoch": 0}, r"steps_per_epoch must be an int >= 1, got 0; pass len\(train_loader\)"),
+    ],
+)
+def test_schedule_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScheduleConfig(**kwargs)
