@@ -54,3 +54,48 @@ def tiny_convnet() -> TinyConvNet:
 @pytest.fixture
 def tiny_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+class TinyResNet(nn.Module):
+    """A stem, an identity residual block and a projection residual block: two coupled streams."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.block1_conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.block1_bn1 = nn.BatchNorm2d(8)
+        self.block1_conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.block1_bn2 = nn.BatchNorm2d(8)
+        self.block2_conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.block2_bn1 = nn.BatchNorm2d(16)
+        self.block2_conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.block2_bn2 = nn.BatchNorm2d(16)
+        self.block2_shortcut = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+        self.block2_shortcut_bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        y = torch.relu(self.block1_bn1(self.block1_conv1(x)))
+        x = torch.relu(x + self.block1_bn2(self.block1_conv2(y)))
+        y = torch.relu(self.block2_bn1(self.block2_conv1(x)))
+        x = torch.relu(self.block2_shortcut_bn(self.block2_shortcut(x)) + self.block2_bn2(self.block2_conv2(y)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_resnet() -> TinyResNet:
+    return TinyResNet()
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so that channels differ."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model

@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pdprune"
 # A module may import pdprune modules of a strictly lower rank (or its own subpackage).
 RANKS = {
     "_version": 0, "masks": 0, "schedule": 0, "data": 0, "models": 0,
-    "checkpoint": 1, "report": 1, "parametrizations": 1,
-    "pruner": 2, "structure": 3,
-    "train": 4, "baselines": 5, "experiments": 6, "export": 6, "distributed": 6,
+    "checkpoint": 1, "config": 1, "parametrizations": 1,
+    "report": 2, "structure": 2, "pruner": 3,
+    "semi_structured": 1, "train": 4, "baselines": 5, "experiments": 6, "export": 6, "distributed": 6,
     "cli": 9, "integrations": 9,
 }
 NEVER_IMPORTED = {"cli", "integrations"}

@@ -188,7 +188,9 @@ def test_finalize_before_the_ramp_ends_warns():
         ({"temperature_mode": "cold"}, ValueError, r"temperature_mode must be one of \('relative', 'absolute'\), got 'cold'"),
         ({"allocation": "greedy"}, ValueError, r"allocation must be one of \('global', 'uniform'\), got 'greedy'"),
         ({"structure": "4:2"}, ValueError, r"structure '4:2' needs 0 < N < M"),
-        ({"structure": "blocks"}, ValueError, r"structure must be 'unstructured' or 'N:M'"),
+        ({"structure": "blocks"}, ValueError, r"structure must be 'unstructured', 'channel' or 'N:M'"),
+        ({"layer_structures": {"fc": "3:3"}}, ValueError, r"layer_structures\['fc'\]: structure '3:3' needs 0 < N < M"),
+        ({"on_incompatible": "ignore"}, ValueError, r"on_incompatible must be one of \('skip', 'error'\), got 'ignore'"),
         ({"module_types": ("LSTM",)}, ValueError, r"module_types must name some of"),
         ({"include": "fc"}, TypeError, r"include must be a tuple of strings, got the string 'fc'; wrap it"),
     ],
@@ -257,6 +259,6 @@ def test_loading_state_with_another_config_is_refused(tiny_convnet):
 
 
 def test_nm_on_an_incompatible_layer_is_refused_and_nothing_attached(tiny_convnet):
-    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of 'conv1.weight' \(shape \(8, 3, 3, 3\)\) to be a multiple of 4"):
-        PDPPruner(tiny_convnet, PruningConfig(structure="2:4"))
+    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of 'conv1.weight' \(shape \(8, 3, 3, 3\)\) to be a multiple of 4; exclude it"):
+        PDPPruner(tiny_convnet, PruningConfig(structure="2:4", on_incompatible="error"))
     assert not any(parametrize.is_parametrized(m) for m in tiny_convnet.modules())

@@ -8,9 +8,11 @@
 from pdprune._version import __version__
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.masks import is_nm_sparse
-from pdprune.pruner import DEFAULT_TEMPERATURE, PDPPruner, PruningConfig
-from pdprune.report import LayerSparsity, SparsityReport, model_sparsity
+from pdprune.config import DEFAULT_TEMPERATURE, PruningConfig
+from pdprune.pruner import PDPPruner
+from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport, model_sparsity
 from pdprune.schedule import ScheduleConfig
+from pdprune.structure import compact, count_macs_and_parameters, load_compacted, save_compacted
 
 __all__ = [
     "__version__",
@@ -20,8 +22,13 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "SparsityReport",
     "LayerSparsity",
+    "GroupSparsity",
     "model_sparsity",
     "is_nm_sparse",
     "save_checkpoint",
     "load_checkpoint",
+    "compact",
+    "save_compacted",
+    "load_compacted",
+    "count_macs_and_parameters",
 ]

@@ -15,8 +15,10 @@ from pdprune._version import __version__
 from pdprune.checkpoint import save_checkpoint
 from pdprune.data import DATASETS, load_dataset
 from pdprune.models import MODELS, build_model
-from pdprune.pruner import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PDPPruner, PruningConfig
+from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig
+from pdprune.pruner import PDPPruner
 from pdprune.schedule import ALLOCATIONS, ScheduleConfig
+from pdprune.structure import compact, count_macs_and_parameters, save_compacted
 from pdprune.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, train
 
 WARMUP_FRACTION = 0.1
@@ -31,7 +33,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-dir", default=None, help="directory of the datasets (default: $PDPRUNE_DATA)")
     pruning = parser.add_argument_group("pruning")
     pruning.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights to prune (default: %(default)s)")
-    pruning.add_argument("--structure", default="unstructured", help="'unstructured' or N:M such as 2:4 (default: %(default)s)")
+    pruning.add_argument("--structure", default="unstructured", help="'unstructured', 'channel' or N:M such as 2:4 (default: %(default)s)")
+    pruning.add_argument("--layer-structure", action="append", default=[], metavar="PATTERN=STRUCTURE",
+                         help="override the structure for modules matching PATTERN, e.g. 'fc*=2:4' (repeatable)")
+    pruning.add_argument("--on-incompatible", default="skip", choices=("skip", "error"),
+                         help="layers that cannot hold their N:M pattern: skip with a warning, or fail (default: %(default)s)")
     pruning.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="default: %(default)s")
     pruning.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="tau of the soft mask (default: %(default)s)")
     pruning.add_argument("--temperature-mode", default="relative", choices=TEMPERATURE_MODES, help="default: %(default)s")
@@ -64,10 +70,21 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
     pruning_config = PruningConfig(
         sparsity=args.sparsity, structure=args.structure, allocation=args.allocation,
         temperature=args.temperature, temperature_mode=args.temperature_mode,
+        layer_structures=_layer_structures(args.layer_structure), on_incompatible=args.on_incompatible,
         include=tuple(args.include), exclude=tuple(args.exclude),
         schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch),
     )
     return train_config, pruning_config
+
+
+def _layer_structures(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        pattern, separator, structure = value.rpartition("=")
+        if not separator or not pattern:
+            raise ValueError(f"--layer-structure expects PATTERN=STRUCTURE such as 'fc*=2:4', got {value!r}")
+        pairs[pattern] = structure
+    return pairs
 
 
 def _seeded_model(args: argparse.Namespace, dataset) -> torch.nn.Module:
@@ -85,14 +102,19 @@ def command_train(args: argparse.Namespace) -> int:
     if not args.no_dense:
         dense = train(_seeded_model(args, dataset), dataset, train_config, progress=not args.quiet, description="dense")
     model = _seeded_model(args, dataset)
-    pruner = PDPPruner(model, pruning_config)
+    example_inputs = dataset.train_inputs[:2].to(args.device)
+    pruner = PDPPruner(model, pruning_config, example_inputs=example_inputs)
     pruned = train(model, dataset, train_config, pruner, progress=not args.quiet, description="PDP")
     report = pruner.report()
 
-    save_checkpoint(out / "model.pt", {
-        "model": model.state_dict(), "model_name": args.model, "dataset": args.dataset,
-        "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
-    })
+    about = {"model_name": args.model, "dataset": args.dataset, "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes}
+    save_checkpoint(out / "model.pt", {"model": model.state_dict(), **about})
+    compaction = None
+    if report.groups:
+        small = compact(model, example_inputs)
+        save_compacted(out / "model_compacted.pt", small, example_inputs, **about)
+        (macs, parameters), (small_macs, small_parameters) = (count_macs_and_parameters(m, example_inputs[:1]) for m in (model, small))
+        compaction = {"parameters": parameters, "macs": macs, "compacted_parameters": small_parameters, "compacted_macs": small_macs}
     (out / "report.md").write_text(report.table() + "\n")
     run = {
         "pdprune_version": __version__, "torch_version": torch.__version__,
@@ -100,6 +122,7 @@ def command_train(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "model": args.model,
         "train_config": asdict(train_config), "pruning_config": pruning_config.to_dict(),
         "dense": None if dense is None else asdict(dense), "pdp": asdict(pruned), "report": report.to_dict(),
+        "compaction": compaction,
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
 
@@ -108,6 +131,10 @@ def command_train(args: argparse.Namespace) -> int:
     if dense is not None:
         print(f"dense accuracy ({primary}):  {100 * dense.accuracy[primary]:.2f}%  ({dense.seconds:.1f} s training)")
     print(f"PDP accuracy ({primary}):    {100 * pruned.accuracy[primary]:.2f}%  at {100 * report.sparsity:.2f}% sparsity  ({pruned.seconds:.1f} s training)")
+    if compaction is not None:
+        print(f"compacted: {compaction['parameters']:,} -> {compaction['compacted_parameters']:,} parameters, "
+              f"{compaction['macs'] / 1e6:.2f} M -> {compaction['compacted_macs'] / 1e6:.2f} M MACs per example "
+              f"(load with pdprune.load_compacted: {out / 'model_compacted.pt'})")
     print(f"wrote {out / 'model.pt'}, {out / 'report.md'}, {out / 'run.json'}")
     return 0
 

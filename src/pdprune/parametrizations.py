@@ -1,8 +1,8 @@
 """Soft masks as `torch.nn.utils.parametrize` parametrizations: the model computes with w * m(w).
 
-Each parametrization keeps what its forward pass needs (the layer's current sparsity and temperature)
-in the model itself, through `get_extra_state`, so `model.state_dict()` alone restores a pruned model
-mid-training. The pruner only decides *which* sparsity each layer has at each step.
+Each mask keeps what its forward pass needs (current sparsity, temperature) in the model itself,
+through `get_extra_state`, so `model.state_dict()` alone restores a pruned model mid-training. The
+pruner only decides *which* sparsity each mask has at each step.
 """
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ from pdprune.masks import (
     ungroup_along_inputs,
 )
 
-__all__ = ["SoftMask", "UnstructuredMask", "NMMask"]
+__all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask"]
 
 
-class SoftMask(nn.Module):
-    """Base of PDP's parametrizations: maps a weight to w * m(w) at the current `sparsity`.
-
-    Subclasses say how scores are grouped (`soft_mask`) and which weights a hard cut keeps (`keep_mask`).
-    """
+class MaskState(nn.Module):
+    """The state of one pruning unit (a tensor, or a group of coupled channels), saved with the model."""
 
     structure = "?"
 
@@ -38,6 +35,35 @@ class SoftMask(nn.Module):
         self.sparsity = 0.0
         self.temperature = temperature
         self.relative_temperature = relative_temperature
+
+    def _mask_rows(self, squared_scores: Tensor, pruned: int) -> Tensor:
+        """Soft mask along the last dimension of `squared_scores`, with `pruned` of each row below t."""
+        if pruned == 0:
+            return torch.ones_like(squared_scores)
+        if pruned >= squared_scores.shape[-1]:
+            return torch.zeros_like(squared_scores)
+        threshold = midpoint_threshold(squared_scores, pruned)
+        tau = temperature_for(threshold, self.temperature, self.relative_temperature)
+        return soft_mask(squared_scores, threshold, tau)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "temperature": self.temperature, "relative_temperature": self.relative_temperature}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.sparsity = float(state["sparsity"])
+        self.temperature = float(state["temperature"])
+        self.relative_temperature = bool(state["relative_temperature"])
+
+    def extra_repr(self) -> str:
+        mode = "relative" if self.relative_temperature else "absolute"
+        return f"sparsity={self.sparsity:.4f}, temperature={self.temperature:g} ({mode})"
+
+
+class SoftMask(MaskState):
+    """Base of the per-tensor masks: a parametrization w -> w * m(w) at the current `sparsity`.
+
+    Subclasses say how scores are grouped (`soft_mask`) and which weights a hard cut keeps (`keep_mask`).
+    """
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.sparsity == 0.0:
@@ -52,31 +78,9 @@ class SoftMask(nn.Module):
         """The hard mask (m >= 0.5) at `sparsity` with the exact count: True where a weight stays."""
         raise NotImplementedError
 
-    def _mask_rows(self, squared_scores: Tensor, pruned: int) -> Tensor:
-        """Soft mask along the last dimension of `squared_scores`, `pruned` of each row below t."""
-        if pruned == 0:
-            return torch.ones_like(squared_scores)
-        if pruned >= squared_scores.shape[-1]:
-            return torch.zeros_like(squared_scores)
-        threshold = midpoint_threshold(squared_scores, pruned)
-        tau = temperature_for(threshold, self.temperature, self.relative_temperature)
-        return soft_mask(squared_scores, threshold, tau)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "sparsity": self.sparsity,
-            "temperature": self.temperature,
-            "relative_temperature": self.relative_temperature,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.sparsity = float(state["sparsity"])
-        self.temperature = float(state["temperature"])
-        self.relative_temperature = bool(state["relative_temperature"])
-
-    def extra_repr(self) -> str:
-        mode = "relative" if self.relative_temperature else "absolute"
-        return f"sparsity={self.sparsity:.4f}, temperature={self.temperature:g} ({mode})"
+    def finalized(self, weight: Tensor, sparsity: float) -> Tensor:
+        """What `finalize()` bakes in: kept weights as the network trained with them (w * m), others 0."""
+        return weight * self.soft_mask(weight, sparsity) * self.keep_mask(weight, sparsity)
 
 
 class UnstructuredMask(SoftMask):
@@ -85,8 +89,7 @@ class UnstructuredMask(SoftMask):
     structure = "unstructured"
 
     def soft_mask(self, weight: Tensor, sparsity: float) -> Tensor:
-        squared = weight.square()
-        flat = squared.reshape(1, -1)  # (1, n): the whole tensor is one row
+        flat = weight.square().reshape(1, -1)  # (1, n): the whole tensor is one row
         return self._mask_rows(flat, pruned_count(sparsity, flat.shape[-1])).view_as(weight)
 
     def keep_mask(self, weight: Tensor, sparsity: float) -> Tensor:
@@ -127,3 +130,73 @@ class NMMask(SoftMask):
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m}, " + super().extra_repr()
+
+
+class ChannelGroup(MaskState):
+    """Coupled output channels that live or die together (a residual stream, a depthwise pair, ...).
+
+    Root channel i of the group is channel `indices[i]` of each member. A channel's score is the sum of
+    the squared L2 norms of its filters in every producing Conv/Linear weight; PDP's soft mask runs over
+    those scores. The group is a child of each member's `ChannelMask`, so its sparsity travels in
+    `model.state_dict()`; it reads the producers' dense weights at every call.
+    """
+
+    structure = "channel"
+
+    def __init__(
+        self, name: str, size: int, producers: list[tuple[nn.Module, Tensor]], temperature: float, relative_temperature: bool
+    ) -> None:
+        super().__init__(temperature, relative_temperature)
+        self.name, self.size = name, size
+        self._producers = tuple(module for module, _ in producers)  # a tuple: not registered as children
+        for position, (_, indices) in enumerate(producers):
+            self.register_buffer(f"producer_indices_{position}", indices, persistent=False)
+
+    def squared_scores(self) -> Tensor:
+        """(size,) sum over producers of each root channel's squared filter norm (with gradient)."""
+        total = torch.zeros(())
+        for position, module in enumerate(self._producers):
+            weight = module.parametrizations.weight.original
+            norms = weight.square().flatten(1).sum(dim=1)  # (out,)
+            total = total + norms[getattr(self, f"producer_indices_{position}")]  # (size,)
+        return total
+
+    def pruned(self, sparsity: float) -> int:
+        """Channels pruned at `sparsity`; at least one channel always stays."""
+        return min(pruned_count(sparsity, self.size), self.size - 1)
+
+    def soft_mask(self, sparsity: float) -> Tensor:
+        """(size,) soft mask over the group's channels."""
+        return self._mask_rows(self.squared_scores().reshape(1, -1), self.pruned(sparsity)).reshape(-1)
+
+    def keep_mask(self, sparsity: float) -> Tensor:
+        """(size,) True for the channels a hard cut keeps."""
+        return hard_keep_mask(self.squared_scores().detach().reshape(1, -1), self.pruned(sparsity)).reshape(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, {self.size} channels, " + super().extra_repr()
+
+
+class ChannelMask(nn.Module):
+    """Parametrization of one member tensor (weight, bias or norm affine): scales its channel
+    `indices[i]` along dim 0 by the group's mask entry i and leaves its other channels alone."""
+
+    structure = "channel"
+
+    def __init__(self, group: ChannelGroup, indices: Tensor) -> None:
+        super().__init__()
+        self.group = group
+        self.register_buffer("indices", indices, persistent=False)
+
+    def _scale(self, tensor: Tensor, mask: Tensor) -> Tensor:
+        scale = torch.ones(tensor.shape[0], dtype=tensor.dtype, device=tensor.device).index_copy(0, self.indices, mask.to(tensor.dtype))
+        return tensor * scale.reshape(-1, *([1] * (tensor.dim() - 1)))  # (out, 1, ...) broadcast over the filter
+
+    def forward(self, tensor: Tensor) -> Tensor:
+        if self.group.sparsity == 0.0:
+            return tensor
+        return self._scale(tensor, self.group.soft_mask(self.group.sparsity))
+
+    def finalized(self, tensor: Tensor, sparsity: float) -> Tensor:
+        """Kept channels as trained (scaled by m), pruned channels exactly 0."""
+        return self._scale(tensor, self.group.soft_mask(sparsity) * self.group.keep_mask(sparsity))

@@ -3,16 +3,16 @@
     pruner = PDPPruner(model, PruningConfig(sparsity=0.9, schedule=ScheduleConfig(steps_per_epoch=len(loader))))
     ...  optimizer.step(); pruner.step()      # after every optimizer step
     pruner.finalize()                          # plain nn.Module, exactly 90% zeros
+
+A *unit* is what one threshold decides over: a weight tensor (unstructured or N:M, named like
+`layer1.0.conv1.weight`) or a group of coupled channels (named after its first producing module).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-import re
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,112 +20,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pdprune._version import __version__
+from pdprune.config import PRUNABLE_MODULE_TYPES, PruningConfig, parse_structure
 from pdprune.masks import pruned_count
-from pdprune.parametrizations import NMMask, SoftMask, UnstructuredMask
-from pdprune.report import PRUNABLE_MODULE_TYPES, LayerSparsity, SparsityReport
-from pdprune.schedule import ALLOCATIONS, Schedule, ScheduleConfig, global_budgets, uniform_budgets
+from pdprune.parametrizations import ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
+from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
+from pdprune.schedule import Schedule, global_budgets, uniform_budgets
+from pdprune.structure import find_channel_groups
 
-__all__ = ["PruningConfig", "PDPPruner", "DEFAULT_TEMPERATURE", "parse_structure"]
+__all__ = ["PDPPruner"]
 
-DEFAULT_TEMPERATURE = 0.05
-"""Default tau relative to t^2; chosen by `benchmarks/temperature_sweep.py` (see the README)."""
-
-TEMPERATURE_MODES = ("relative", "absolute")
 STATE_FORMAT = 1
-_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
-
-
-def parse_structure(structure: str) -> tuple[int, int] | None:
-    """`"unstructured"` -> None; `"2:4"` -> (2, 4). Raises ValueError for anything else."""
-    if structure == "unstructured":
-        return None
-    match = _NM_PATTERN.match(structure)
-    if match is None:
-        raise ValueError(
-            f"structure must be 'unstructured' or 'N:M' such as '2:4', got {structure!r}"
-        )
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ValueError(f"structure {structure!r} needs 0 < N < M (N weights kept of every M), e.g. '2:4'")
-    return n, m
-
-
-@dataclass(frozen=True)
-class PruningConfig:
-    """What to prune and how hard.
-
-    Args:
-        sparsity: fraction of the selected weights to prune, in [0, 1). N:M layers prune 1 - N/M instead.
-        structure: "unstructured" or an N:M pattern such as "2:4".
-        allocation: "global" (one magnitude sort over all layers, the paper's way) or "uniform".
-        temperature: tau of the soft mask; relative to t^2 by default, absolute if `temperature_mode`
-            is "absolute" (the paper's form; public code uses 1e-4 to 1e-5).
-        temperature_mode: "relative" or "absolute".
-        include: fnmatch patterns of module names to prune (empty: every module of `module_types`).
-        exclude: fnmatch patterns of module names never to prune.
-        module_types: which module classes hold prunable weights.
-        schedule: warm-up and ramp.
-    """
-
-    sparsity: float = 0.9
-    structure: str = "unstructured"
-    allocation: str = "global"
-    temperature: float = DEFAULT_TEMPERATURE
-    temperature_mode: str = "relative"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            raise ValueError(
-                f"sparsity must be in [0, 1), got {self.sparsity!r}; pass a fraction, e.g. 0.9 for 90% zeros"
-            )
-        parse_structure(self.structure)
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"temperature must be a finite number > 0, got {self.temperature!r}; "
-                f"e.g. {DEFAULT_TEMPERATURE} (relative) or 1e-4 (absolute)"
-            )
-        if self.temperature_mode not in TEMPERATURE_MODES:
-            raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
-        unknown = [name for name in self.module_types if name not in PRUNABLE_MODULE_TYPES]
-        if unknown or not self.module_types:
-            raise ValueError(
-                f"module_types must name some of {sorted(PRUNABLE_MODULE_TYPES)}, got {list(self.module_types)}"
-            )
-        for name in ("include", "exclude", "module_types"):
-            if isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a tuple of strings, got the string {getattr(self, name)!r}; wrap it: ({getattr(self, name)!r},)")
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> PruningConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown PruningConfig fields {unknown}; valid fields: {sorted(known)}")
-        values = dict(values)
-        if isinstance(values.get("schedule"), Mapping):
-            values["schedule"] = ScheduleConfig(**values["schedule"])
-        return cls(**values)
-
-
-@dataclass
-class _Layer:
-    module: nn.Module
-    mask: SoftMask
-
-    @property
-    def weight(self) -> Tensor:
-        """The dense trainable weight (the parametrization's `original`)."""
-        return self.module.parametrizations.weight.original
 
 
 class PDPPruner:
@@ -134,23 +38,34 @@ class PDPPruner:
     Creating the pruner attaches a soft mask to every selected weight; `step()` advances the schedule;
     `finalize()` bakes the exact hard mask into plain weights and detaches. The dense weights stay the
     only trainable parameters.
+
+    Args:
+        model: any `nn.Module`; it is modified in place.
+        config: what to prune; `PruningConfig()` (90% unstructured, global) if None.
+        example_inputs: a batch the model accepts; needed only for the "channel" structure, to trace
+            which channels are coupled.
     """
 
-    def __init__(self, model: nn.Module, config: PruningConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: PruningConfig | None = None, example_inputs: Tensor | Sequence[Tensor] | None = None) -> None:
         self.model = model
         self.config = config if config is not None else PruningConfig()
         self.schedule = Schedule(self.config.schedule)
         self.budgets: dict[str, float] | None = None
         self.finalized = False
-        modules = _select_modules(model, self.config)
-        _check_finite({name: module.weight for name, module in modules.items()})
-        self._layers = _attach(modules, self.config)
+        selected = _select_modules(model, self.config)
+        _check_finite({f"{name}.weight": module.weight for name, module in selected.items()})
+        self.units, registrations, self.skipped = _build_units(model, selected, self.config, example_inputs)
+        self._tensors = _register(registrations)
+        self._group_members: dict[str, dict[str, Tensor]] = {}  # group -> member tensor -> its channel per root channel
+        for tensor, _, _, mask in registrations:
+            if isinstance(mask, ChannelMask):
+                self._group_members.setdefault(mask.group.name, {})[tensor] = mask.indices
         self._update_sparsities()
 
     @property
     def tensor_names(self) -> list[str]:
-        """Fully-qualified names of the pruned tensors, e.g. `layer1.0.conv1.weight`."""
-        return list(self._layers)
+        """Fully-qualified names of the pruned tensors (weights, and biases/norms of channel groups)."""
+        return list(self._tensors)
 
     def step(self) -> None:
         """Advance the schedule by one step; call after every `optimizer.step()` (or once per epoch)."""
@@ -158,9 +73,9 @@ class PDPPruner:
         self.schedule.step()
         self._update_sparsities()
 
-    def current_sparsity(self, name: str) -> float:
-        """The sparsity the soft mask of tensor `name` applies now."""
-        return self._layers[name].mask.sparsity
+    def current_sparsity(self, unit: str) -> float:
+        """The sparsity the soft mask of `unit` (a tensor or channel-group name) applies now."""
+        return self.units[unit].sparsity
 
     def _update_sparsities(self) -> None:
         if self.schedule.in_warmup:
@@ -169,20 +84,20 @@ class PDPPruner:
             if self.budgets is None:
                 self.budgets = self._allocate()
             fraction = self.schedule.ramp_fraction
-        for name, layer in self._layers.items():
-            layer.mask.sparsity = 0.0 if self.budgets is None else fraction * self.budgets[name]
+        for name, unit in self.units.items():
+            unit.sparsity = 0.0 if self.budgets is None else fraction * self.budgets[name]
 
     def _allocate(self) -> dict[str, float]:
-        """Per-tensor budgets: fixed for N:M tensors, global or uniform for the others."""
-        weights = {name: layer.weight for name, layer in self._layers.items()}
-        _check_finite(weights)
-        budgets = {}
-        free = {}
-        for name, layer in self._layers.items():
-            if isinstance(layer.mask, NMMask):
-                budgets[name] = 1 - layer.mask.n / layer.mask.m
+        """Per-unit budgets: fixed for N:M, `sparsity` for channel groups, global or uniform for the rest."""
+        _check_finite(self._originals())
+        budgets, free = {}, {}
+        for name, unit in self.units.items():
+            if isinstance(unit, NMMask):
+                budgets[name] = 1 - unit.n / unit.m
+            elif isinstance(unit, ChannelGroup):
+                budgets[name] = self.config.sparsity
             else:
-                free[name] = weights[name]
+                free[name] = self._original(name)
         if self.config.allocation == "global":
             budgets |= global_budgets({name: w.detach().square() for name, w in free.items()}, self.config.sparsity)
         else:
@@ -194,7 +109,7 @@ class PDPPruner:
                 "Use allocation='uniform' or exclude them",
                 stacklevel=3,
             )
-        return {name: budgets[name] for name in self._layers}
+        return {name: budgets[name] for name in self.units}
 
     def finalize(self) -> nn.Module:
         """Bake the hard mask (m >= 0.5, exact count) into plain weights and remove the parametrizations.
@@ -212,38 +127,59 @@ class PDPPruner:
                 "at once. Train longer or set ScheduleConfig(ramp_end_epoch=...) before the last epoch",
                 stacklevel=2,
             )
-        weights = {name: layer.weight for name, layer in self._layers.items()}
-        _check_finite(weights)
+        originals = self._originals()
+        _check_finite(originals)
+        unit_names = {id(unit): name for name, unit in self.units.items()}
         baked = {}
         with torch.no_grad():
-            for name, layer in self._layers.items():
-                weight, budget = weights[name], self.budgets[name]
-                baked[name] = weight * layer.mask.soft_mask(weight, budget) * layer.mask.keep_mask(weight, budget)
-        for name, layer in self._layers.items():
-            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+            for name, (module, tensor_name) in self._tensors.items():
+                value = originals[name]
+                for mask in module.parametrizations[tensor_name]:
+                    unit = mask.group if isinstance(mask, ChannelMask) else mask
+                    value = mask.finalized(value, self.budgets[unit_names[id(unit)]])
+                baked[name] = value
+        for name, (module, tensor_name) in self._tensors.items():
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
             with torch.no_grad():
-                layer.module.weight.copy_(baked[name])
+                getattr(module, tensor_name).copy_(baked[name])
         self.finalized = True
         return self.model
 
     def detach(self) -> nn.Module:
         """Remove the soft masks and restore the dense weights, as if the pruner had never been attached."""
         self._check_attached("detach()")
-        for layer in self._layers.values():
-            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+        for module, tensor_name in self._tensors.values():
+            if parametrize.is_parametrized(module, tensor_name):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         self.finalized = True
         return self.model
 
     def report(self) -> SparsityReport:
-        """Per-tensor target (budget), current (schedule) and achieved (exact zeros) sparsity."""
+        """Per-tensor target (budget), current (schedule) and exact zeros; channel groups with their counts."""
         budgets = self.budgets if self.budgets is not None else self._allocate()
-        rows = []
-        for name, layer in self._layers.items():
-            weight = layer.module.weight
-            target = budgets[name]
-            current = None if self.finalized else layer.mask.sparsity
-            rows.append(LayerSparsity(name, layer.mask.structure, weight.numel(), int((weight == 0).sum()), target, current))
-        return SparsityReport(tuple(rows))
+        rows, groups = [], []
+        channel_targets: dict[str, list[float]] = {}  # producer weight -> [target, current] fractions
+        for name, unit in self.units.items():
+            current = None if self.finalized else unit.sparsity
+            if isinstance(unit, ChannelGroup):
+                groups.append(GroupSparsity(name, unit.size, self._dead_channels(unit), tuple(sorted(self._group_members[name])),
+                                            unit.pruned(budgets[name]) / unit.size, None if current is None else unit.pruned(current) / unit.size))
+                for producer in unit._producers:
+                    weight = producer.weight
+                    entry = channel_targets.setdefault(self._name_of(producer) + ".weight", [0.0, 0.0])
+                    entry[0] += unit.pruned(budgets[name]) / weight.shape[0]
+                    entry[1] += unit.pruned(unit.sparsity) / weight.shape[0]
+                continue
+            weight = self._tensors[name][0].weight
+            rows.append(LayerSparsity(name, unit.structure, weight.numel(), int((weight == 0).sum()), budgets[name], current))
+        for name, (target, current) in channel_targets.items():
+            weight = self.model.get_submodule(name.removesuffix(".weight")).weight
+            rows.append(LayerSparsity(name, "channel", weight.numel(), int((weight == 0).sum()), target, None if self.finalized else current))
+        order = {f"{name}.weight": position for position, (name, _) in enumerate(self.model.named_modules())}
+        order |= {name.removesuffix(".weight"): position for name, position in order.items()}
+        rows.sort(key=lambda row: order.get(row.name, len(order)))
+        groups.sort(key=lambda group: order.get(group.name, len(order)))
+        return SparsityReport(tuple(rows), tuple(groups), dict(self.skipped))
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position, budgets and config: numbers, strings and lists only (weights_only-safe)."""
@@ -254,7 +190,7 @@ class PDPPruner:
             "schedule": self.schedule.state_dict(),
             "budgets": None if self.budgets is None else dict(self.budgets),
             "finalized": self.finalized,
-            "tensors": {name: list(layer.module.weight.shape) for name, layer in self._layers.items()},
+            "tensors": self._shapes(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -269,8 +205,7 @@ class PDPPruner:
                 f"pruner state format {state.get('format')!r} (pdprune {state.get('pdprune_version')}) is not "
                 f"the format {STATE_FORMAT} of pdprune {__version__}; resume with the pdprune version that saved it"
             )
-        saved = {name: list(shape) for name, shape in state["tensors"].items()}
-        ours = {name: list(layer.module.weight.shape) for name, layer in self._layers.items()}
+        saved, ours = {n: list(s) for n, s in state["tensors"].items()}, self._shapes()
         if saved != ours:
             missing = sorted(set(saved) - set(ours))
             extra = sorted(set(ours) - set(saved))
@@ -292,8 +227,32 @@ class PDPPruner:
                 "plain architecture instead of resuming the pruner"
             )
         self.schedule.load_state_dict(state["schedule"])
-        self.budgets = None if state["budgets"] is None else {name: float(state["budgets"][name]) for name in self._layers}
+        self.budgets = None if state["budgets"] is None else {name: float(state["budgets"][name]) for name in self.units}
         self._update_sparsities()
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _original(self, name: str) -> Tensor:
+        module, tensor_name = self._tensors[name]
+        return module.parametrizations[tensor_name].original
+
+    def _originals(self) -> dict[str, Tensor]:
+        return {name: self._original(name) for name in self._tensors}
+
+    def _shapes(self) -> dict[str, list[int]]:
+        return {name: list(getattr(module, tensor_name).shape) for name, (module, tensor_name) in self._tensors.items()}
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next(name for name, candidate in self.model.named_modules() if candidate is module)
+
+    def _dead_channels(self, group: ChannelGroup) -> int:
+        """Root channels at exactly zero in every member tensor."""
+        alive = torch.zeros(group.size, dtype=torch.bool)
+        for name, indices in self._group_members[group.name].items():
+            module, tensor_name = self._tensors[name]
+            tensor = getattr(module, tensor_name).detach()
+            alive |= tensor.reshape(tensor.shape[0], -1)[indices].ne(0).any(dim=1).cpu()
+        return int((~alive).sum())
 
     def _check_attached(self, action: str) -> None:
         if self.finalized:
@@ -304,18 +263,18 @@ class PDPPruner:
 
 
 def _select_modules(model: nn.Module, config: PruningConfig) -> dict[str, nn.Module]:
-    """Name -> module for every weight the config selects; errors name the pattern or the problem."""
+    """Module name -> module for every layer the config selects; errors name the pattern or the problem."""
     kinds = tuple(PRUNABLE_MODULE_TYPES[name] for name in config.module_types)
     candidates = {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
-    for name, module in candidates.items():
-        if parametrize.is_parametrized(module, "weight") and any(
-            isinstance(p, SoftMask) for p in module.parametrizations.weight
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module) and any(
+            isinstance(p, (SoftMask, ChannelMask)) for plist in module.parametrizations.values() for p in plist
         ):
             raise RuntimeError(
                 f"a PDP mask is already attached to {name!r}; finalize() or detach() the first pruner "
                 "before attaching another"
             )
-    for pattern in config.include + config.exclude:
+    for pattern in (*config.include, *config.exclude, *config.layer_structures):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
             raise ValueError(
                 f"pattern {pattern!r} matches no module of types {list(config.module_types)}; "
@@ -333,40 +292,83 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> dict[str, nn.Mod
             + (" left after include/exclude" if candidates else "")
             + "; pass module_types=... or change include/exclude"
         )
-    return {f"{name}.weight" if name else "weight": module for name, module in selected.items()}
+    return selected
 
 
-def _attach(modules: Mapping[str, nn.Module], config: PruningConfig) -> dict[str, _Layer]:
-    """Register a soft mask on every selected weight, all or nothing."""
-    pattern = parse_structure(config.structure)
+Registration = tuple[str, nn.Module, str, nn.Module]  # (tensor name, module, "weight"/"bias", parametrization)
+
+
+def _build_units(
+    model: nn.Module, selected: dict[str, nn.Module], config: PruningConfig, example_inputs: Tensor | Sequence[Tensor] | None
+) -> tuple[dict[str, MaskState], list[Registration], dict[str, str]]:
+    """Create every unit and the parametrizations to register, without touching the model yet."""
     relative = config.temperature_mode == "relative"
-    masks: dict[str, SoftMask] = {}
-    for name, module in modules.items():
-        if pattern is None:
-            masks[name] = UnstructuredMask(config.temperature, relative)
+    units: dict[str, MaskState] = {}
+    registrations: list[Registration] = []
+    skipped: dict[str, str] = {}
+    channel_modules = set()
+    for name, module in selected.items():
+        structure = parse_structure(config.structure_of(name))
+        if structure == "channel":
+            channel_modules.add(name)
+            continue
+        tensor_name = f"{name}.weight"
+        if structure == "unstructured":
+            mask: SoftMask = UnstructuredMask(config.temperature, relative)
         else:
-            n, m = pattern
+            n, m = structure
             if module.weight.dim() < 2 or module.weight.shape[1] % m:
-                raise ValueError(
-                    f"{config.structure} needs the input dimension of {name!r} (shape "
-                    f"{tuple(module.weight.shape)}) to be a multiple of {m}; exclude it, e.g. exclude=({name.removesuffix('.weight')!r},)"
-                )
-            masks[name] = NMMask(n, m, config.temperature, relative)
-    attached: list[nn.Module] = []
+                problem = (f"{n}:{m} needs the input dimension of {tensor_name!r} (shape {tuple(module.weight.shape)}) "
+                           f"to be a multiple of {m}")
+                if config.on_incompatible == "error":
+                    raise ValueError(f"{problem}; exclude it, e.g. exclude=({name!r},), or pass on_incompatible='skip'")
+                skipped[tensor_name] = problem
+                continue
+            mask = NMMask(n, m, config.temperature, relative)
+        units[tensor_name] = mask
+        registrations.append((tensor_name, module, "weight", mask))
+    if skipped:
+        warnings.warn(f"left dense, cannot hold their N:M pattern: {sorted(skipped)}", stacklevel=3)
+    if channel_modules:
+        if example_inputs is None:
+            raise ValueError(
+                "structure 'channel' needs example_inputs=... (a batch the model accepts) to trace which channels "
+                "are coupled: PDPPruner(model, config, example_inputs=torch.randn(1, 3, 32, 32))"
+            )
+        specs, dense_groups = find_channel_groups(model, example_inputs, channel_modules)
+        if dense_groups:
+            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=3)
+            skipped |= {f"channel group {name}": why for name, why in dense_groups.items()}
+        for spec in specs:
+            producers = [(model.get_submodule(p), torch.tensor(spec.members[p])) for p in spec.producers]
+            group = ChannelGroup(spec.name, spec.size, producers, config.temperature, relative)
+            units[spec.name] = group
+            for member, indices in spec.members.items():
+                module = model.get_submodule(member)
+                for tensor_name in ("weight", "bias"):
+                    if getattr(module, tensor_name, None) is not None:
+                        registrations.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, torch.tensor(indices))))
+    return units, registrations, skipped
+
+
+def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, str]]:
+    """Register every parametrization, all or nothing. Returns tensor name -> (module, tensor name)."""
+    done: list[tuple[nn.Module, str]] = []
     try:
-        for name, module in modules.items():
-            parametrize.register_parametrization(module, "weight", masks[name])
-            attached.append(module)
+        for _, module, tensor_name, mask in registrations:
+            parametrize.register_parametrization(module, tensor_name, mask)
+            done.append((module, tensor_name))
     except Exception:
-        for module in attached:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        for module, tensor_name in done:
+            if parametrize.is_parametrized(module, tensor_name):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         raise
-    return {name: _Layer(module, masks[name]) for name, module in modules.items()}
+    return {name: (module, tensor_name) for name, module, tensor_name, _ in registrations}
 
 
-def _check_finite(weights: Mapping[str, Tensor]) -> None:
-    for name, weight in weights.items():
-        if not bool(torch.isfinite(weight).all()):
+def _check_finite(tensors: Mapping[str, Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(
                 f"weight {name!r} holds NaN or Inf; PDP cannot rank its magnitudes. Lower the learning rate, "
                 "check the loss for overflow, or resume from the last good checkpoint"

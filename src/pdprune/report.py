@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-__all__ = ["LayerSparsity", "SparsityReport", "model_sparsity", "PRUNABLE_MODULE_TYPES"]
+from pdprune.config import PRUNABLE_MODULE_TYPES
 
-PRUNABLE_MODULE_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Conv3d": nn.Conv3d,
-    "Embedding": nn.Embedding,
-}
+__all__ = ["LayerSparsity", "GroupSparsity", "SparsityReport", "model_sparsity"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +28,27 @@ class LayerSparsity:
 
 
 @dataclass(frozen=True)
+class GroupSparsity:
+    """One group of coupled channels: how many it has, how many are gone (all coupled tensors zero)."""
+
+    name: str
+    channels: int
+    pruned: int
+    members: tuple[str, ...]
+    target: float | None = None
+    current: float | None = None
+
+
+@dataclass(frozen=True)
 class SparsityReport:
-    """Per-tensor sparsity of a model and its totals over the listed tensors."""
+    """Per-tensor sparsity of a model, totals over the listed tensors, and channel groups if any.
+
+    `skipped` names the layers left dense although selected, and why.
+    """
 
     layers: tuple[LayerSparsity, ...]
+    groups: tuple[GroupSparsity, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:
@@ -64,6 +75,8 @@ class SparsityReport:
             "zeros": self.zeros,
             "sparsity": self.sparsity,
             "target": self.target,
+            "groups": [asdict(group) for group in self.groups],
+            "skipped": dict(self.skipped),
         }
 
     def table(self) -> str:
@@ -79,13 +92,26 @@ class SparsityReport:
                  percent(layer.current), percent(layer.sparsity))
             )
         rows.append(("total", "", f"{self.parameters:,}", percent(self.target), "", percent(self.sparsity)))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
-        lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+        lines = _markdown(rows)
+        if self.groups:
+            group_rows = [("channel group", "channels", "target", "current", "pruned", "tensors")]
+            for group in self.groups:
+                group_rows.append((group.name, str(group.channels), percent(group.target), percent(group.current),
+                                   f"{group.pruned} ({percent(group.pruned / group.channels)})", str(len(group.members))))
+            lines += [""] + _markdown(group_rows)
+        if self.skipped:
+            lines += [""] + [f"left dense: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _markdown(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return lines
 
 
 def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")) -> SparsityReport:

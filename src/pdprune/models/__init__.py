@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from pdprune.models.mlp import MLP
+from pdprune.models.mobilenet import MobileNetV1
 from pdprune.models.resnet_cifar import ResNetCifar
 
 __all__ = ["MODELS", "build_model"]
@@ -22,6 +23,7 @@ def _resnet_cifar(depth: int) -> ModelBuilder:
 
 MODELS: dict[str, ModelBuilder] = {
     "mlp": MLP,
+    "mobilenet_v1": lambda input_shape, num_classes: MobileNetV1(num_classes, in_channels=input_shape[0]),
     **{f"resnet{depth}": _resnet_cifar(depth) for depth in (20, 32, 44, 56)},
 }
 

@@ -1,0 +1,127 @@
+"""PruningConfig: what to prune, with which structure, how hard. Checks itself when created."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torch import nn
+
+from pdprune.schedule import ALLOCATIONS, ScheduleConfig
+
+__all__ = ["PruningConfig", "parse_structure", "DEFAULT_TEMPERATURE", "PRUNABLE_MODULE_TYPES", "TEMPERATURE_MODES"]
+
+DEFAULT_TEMPERATURE = 0.05
+"""Default tau relative to t^2; chosen by `benchmarks/temperature_sweep.py` (see the README)."""
+
+TEMPERATURE_MODES = ("relative", "absolute")
+ON_INCOMPATIBLE = ("skip", "error")
+PRUNABLE_MODULE_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+    "Embedding": nn.Embedding,
+}
+_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_structure(structure: str) -> str | tuple[int, int]:
+    """`"unstructured"` and `"channel"` stay as they are; `"2:4"` -> (2, 4). Anything else: ValueError."""
+    if structure in ("unstructured", "channel"):
+        return structure
+    match = _NM_PATTERN.match(structure) if isinstance(structure, str) else None
+    if match is None:
+        raise ValueError(f"structure must be 'unstructured', 'channel' or 'N:M' such as '2:4', got {structure!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"structure {structure!r} needs 0 < N < M (N weights kept of every M), e.g. '2:4'")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What to prune and how hard.
+
+    Args:
+        sparsity: fraction of the selected weights (or, for "channel", of the channels) to prune, in
+            [0, 1). N:M layers prune 1 - N/M instead.
+        structure: "unstructured", "channel" or an N:M pattern such as "2:4", for every selected layer.
+        layer_structures: fnmatch pattern of module names -> structure, overriding `structure` for the
+            modules it matches (the first matching pattern wins), e.g. {"fc*": "2:4"}.
+        allocation: "global" (one magnitude sort over all unstructured layers, the paper's way) or
+            "uniform". Channel groups are always pruned uniformly at `sparsity`.
+        temperature: tau of the soft mask; relative to t^2 by default, absolute if `temperature_mode`
+            is "absolute" (the paper's form; public code uses 1e-4 to 1e-5).
+        temperature_mode: "relative" or "absolute".
+        include: fnmatch patterns of module names to prune (empty: every module of `module_types`).
+        exclude: fnmatch patterns of module names never to prune.
+        module_types: which module classes hold prunable weights.
+        on_incompatible: what to do with a layer that cannot hold its N:M pattern (input dimension not a
+            multiple of M): "skip" it with a warning that names it, or raise an "error".
+        schedule: warm-up and ramp.
+    """
+
+    sparsity: float = 0.9
+    structure: str = "unstructured"
+    layer_structures: dict[str, str] = field(default_factory=dict)
+    allocation: str = "global"
+    temperature: float = DEFAULT_TEMPERATURE
+    temperature_mode: str = "relative"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    on_incompatible: str = "skip"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}; pass a fraction, e.g. 0.9 for 90% zeros")
+        parse_structure(self.structure)
+        for pattern, structure in self.layer_structures.items():
+            try:
+                parse_structure(structure)
+            except ValueError as error:
+                raise ValueError(f"layer_structures[{pattern!r}]: {error}") from None
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature!r}; "
+                f"e.g. {DEFAULT_TEMPERATURE} (relative) or 1e-4 (absolute)"
+            )
+        if self.temperature_mode not in TEMPERATURE_MODES:
+            raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
+        if self.on_incompatible not in ON_INCOMPATIBLE:
+            raise ValueError(f"on_incompatible must be one of {ON_INCOMPATIBLE}, got {self.on_incompatible!r}")
+        for name in ("include", "exclude", "module_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"{name} must be a tuple of strings, got the string {value!r}; wrap it: ({value!r},)")
+            object.__setattr__(self, name, tuple(value))
+        unknown = [name for name in self.module_types if name not in PRUNABLE_MODULE_TYPES]
+        if unknown or not self.module_types:
+            raise ValueError(f"module_types must name some of {sorted(PRUNABLE_MODULE_TYPES)}, got {list(self.module_types)}")
+        object.__setattr__(self, "layer_structures", dict(self.layer_structures))
+
+    def structure_of(self, module_name: str) -> str:
+        """The structure for module `module_name`: the first matching `layer_structures` pattern, else `structure`."""
+        return next((s for p, s in self.layer_structures.items() if fnmatch.fnmatchcase(module_name, p)), self.structure)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PruningConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PruningConfig fields {unknown}; valid fields: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("schedule"), Mapping):
+            values["schedule"] = ScheduleConfig(**values["schedule"])
+        return cls(**values)

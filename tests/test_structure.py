@@ -1,0 +1,241 @@
+"""N:M and channel PDP, compaction, and saving compacted models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pdprune import PDPPruner, PruningConfig, ScheduleConfig, compact, is_nm_sparse, load_compacted, save_compacted
+from pdprune.masks import group_along_inputs
+from pdprune.models import build_model
+from tests.conftest import TinyResNet, randomize_batchnorm
+
+IMMEDIATE = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)
+
+
+def _train(model, pruner, inputs_shape, steps=3, classes=4):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(inputs_shape, generator=generator)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, classes, (inputs_shape[0],), generator=generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()
+
+
+# --- N:M ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pattern=st.sampled_from([(1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (3, 4)]),
+    out_features=st.integers(1, 6),
+    groups=st.integers(1, 4),
+    kernel=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 999),
+)
+def test_nm_pattern_is_exact_after_finalize(pattern, out_features, groups, kernel, seed):
+    n, m = pattern
+    torch.manual_seed(seed)
+    layer = nn.Linear(groups * m, out_features) if kernel is None else nn.Conv2d(groups * m, out_features, kernel)
+    model = nn.Sequential(layer)
+    pruner = PDPPruner(model, PruningConfig(structure=f"{n}:{m}", schedule=IMMEDIATE))
+    pruner.finalize()
+    assert is_nm_sparse(layer.weight, n, m)
+    nonzeros = (group_along_inputs(layer.weight, m) != 0).sum(dim=-1)
+    assert bool((nonzeros == n).all()), "exactly N non-zeros in every group"
+    assert not is_nm_sparse(layer.weight, n - 1, m) if n > 1 else True
+
+
+def test_nm_soft_mask_is_half_at_each_group_threshold_and_ramps_in_whole_steps():
+    layer = nn.Linear(8, 2)
+    pruner = PDPPruner(nn.Sequential(layer), PruningConfig(structure="2:4", schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=0.5)))
+    mask = layer.parametrizations.weight[0]
+    assert pruner.current_sparsity("0.weight") == 0.25  # half the ramp: 1 of 4 pruned per group
+    soft = mask.soft_mask(layer.parametrizations.weight.original.detach(), 0.25)
+    below = (group_along_inputs(soft, 4) < 0.5).sum(dim=-1)
+    assert bool((below == 1).all())
+
+
+def test_nm_mixed_with_unstructured_per_layer_and_incompatible_layers_skipped_with_a_warning(tiny_convnet):
+    config = PruningConfig(sparsity=0.8, structure="unstructured", layer_structures={"conv*": "2:4"}, schedule=IMMEDIATE)
+    with pytest.warns(UserWarning, match=r"left dense, cannot hold their N:M pattern: \['conv1.weight'\]"):
+        pruner = PDPPruner(tiny_convnet, config)
+    assert not parametrize.is_parametrized(tiny_convnet.conv1)
+    pruner.finalize()
+    report = pruner.report()
+    structures = {layer.name: layer.structure for layer in report.layers}
+    assert structures == {"conv2.weight": "2:4", "fc.weight": "unstructured"}
+    assert "conv1.weight" in report.skipped and "left dense: conv1.weight" in report.table()
+    assert is_nm_sparse(tiny_convnet.conv2.weight, 2, 4)
+    assert int((tiny_convnet.fc.weight == 0).sum()) == round(0.8 * tiny_convnet.fc.weight.numel())
+
+
+def test_depthwise_conv_cannot_hold_nm_and_errors_when_asked():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))
+    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of '0.weight' \(shape \(8, 1, 3, 3\)\) to be a multiple of 4"):
+        PDPPruner(model, PruningConfig(structure="2:4", on_incompatible="error"))
+
+
+@pytest.mark.parametrize("structure,message", [("4:4", r"needs 0 < N < M"), ("5:4", r"needs 0 < N < M"), ("0:4", r"needs 0 < N < M")])
+def test_nm_bad_patterns(structure, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(structure=structure)
+
+
+def test_semi_structured_conversion_says_plainly_when_unavailable():
+    from pdprune.semi_structured import to_semi_structured
+
+    layer = nn.Linear(64, 64)
+    PDPPruner(nn.Sequential(layer), PruningConfig(structure="2:4", schedule=IMMEDIATE)).finalize()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"semi-structured sparse kernels need a CUDA GPU"):
+            to_semi_structured(nn.Sequential(layer))
+    else:
+        with pytest.raises(ValueError, match=r"0.weight is torch.float32 on cpu; move the model first"):
+            to_semi_structured(nn.Sequential(layer))
+    with pytest.raises(ValueError, match=r"no Linear layer of the model is 2:4 sparse"):
+        to_semi_structured(nn.Sequential(nn.Linear(64, 64)))
+
+
+# --- channels -------------------------------------------------------------------------------------
+
+
+def _effective_channel_scales(model: nn.Module, pruner: PDPPruner, group_name: str) -> list[torch.Tensor]:
+    """For every member tensor of a group, the per-root-channel ratio effective / original."""
+    group = pruner.units[group_name]
+    scales = []
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, masks in module.parametrizations.items():
+            for mask in masks:
+                if getattr(mask, "group", None) is group:
+                    original = masks.original.detach()
+                    effective = getattr(module, tensor_name).detach()
+                    ratio = (effective / original).reshape(original.shape[0], -1)[mask.indices]
+                    scales.append(ratio[:, 0])
+    return scales
+
+
+@pytest.mark.parametrize("build,shape", [(TinyResNet, (2, 3, 8, 8)), (lambda: build_model("mobilenet_v1", (3, 32, 32), 10), (2, 3, 32, 32))])
+def test_channel_masks_agree_across_coupled_layers(build, shape):
+    model = build()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=torch.randn(shape))
+    groups = [name for name, unit in pruner.units.items() if unit.structure == "channel"]
+    assert groups, "some channel groups found"
+    _train(model, pruner, shape, steps=2, classes=4 if isinstance(model, TinyResNet) else 10)
+    for name in groups:
+        scales = _effective_channel_scales(model, pruner, name)
+        assert len(scales) >= 2, f"group {name} couples several tensors"
+        for other in scales[1:]:
+            torch.testing.assert_close(other, scales[0], rtol=1e-5, atol=1e-6)
+        assert bool((scales[0] < 0.5).sum() == pruner.units[name].pruned(pruner.current_sparsity(name)))
+
+
+def test_residual_streams_are_one_group_and_depthwise_convs_join_their_producer():
+    model = TinyResNet()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(1, 3, 8, 8))
+    members = {group.name: set(group.members) for group in pruner.report().groups}
+    assert {"stem.weight", "block1_conv2.weight", "stem_bn.weight", "block1_bn2.bias"} <= members["stem"]
+    assert {"block2_conv2.weight", "block2_shortcut.weight", "block2_shortcut_bn.weight"} <= members["block2_conv1"] | members.get("block2_conv2", set()) | members.get("block2_shortcut", set())
+    mobilenet = build_model("mobilenet_v1", (3, 32, 32), 10)
+    pruner = PDPPruner(mobilenet, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(1, 3, 32, 32))
+    group = next(g.members for g in pruner.report().groups if g.name == "features.1.1.0")
+    assert {"features.1.1.0.weight", "features.1.1.1.weight", "features.2.0.0.weight", "features.2.0.1.bias"} <= set(group)
+
+
+def test_option_a_resnet_keeps_its_padded_residual_stream_dense_and_prunes_the_blocks():
+    model = build_model("resnet20", (3, 32, 32), 10)
+    with pytest.warns(UserWarning, match=r"channel groups left dense: \{'conv1': 'Torch-Pruning cannot remove these channels exactly"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(1, 3, 32, 32))
+    assert sorted(pruner.units) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
+
+
+@pytest.mark.parametrize("build,shape", [(TinyResNet, (2, 3, 8, 8)), (lambda: build_model("mobilenet_v1", (3, 32, 32), 10), (2, 3, 32, 32)),
+                                         (lambda: build_model("resnet20", (3, 32, 32), 10), (2, 3, 32, 32))])
+def test_finalize_then_compact_keeps_outputs_and_removes_the_channels(build, shape):
+    model = randomize_batchnorm(build())
+    example = torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ResNet-20 warns that its padded residual stream stays dense
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example)
+    pruner.finalize()
+    report = pruner.report()
+    for group in report.groups:
+        assert group.pruned == round(0.5 * group.channels)
+    small = compact(model, example)
+    model.eval(), small.eval()
+    x = torch.randn(shape)
+    assert (small(x) - model(x)).abs().max() < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < 0.75 * sum(p.numel() for p in model.parameters())
+
+
+def test_compacted_model_saves_and_loads_in_a_new_process(tmp_path):
+    model = randomize_batchnorm(build_model("mobilenet_v1", (3, 32, 32), 10))
+    example = torch.randn(1, 3, 32, 32)
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example)
+    pruner.finalize()
+    small = compact(model, example).eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(small(x).detach(), tmp_path / "expected.pt")
+    save_compacted(tmp_path / "small.pt", small, example)
+    script = textwrap.dedent(f"""
+        import torch
+        from pdprune import load_compacted
+        from pdprune.models import build_model
+        model = load_compacted({str(tmp_path / 'small.pt')!r}, build_model("mobilenet_v1", (3, 32, 32), 10)).eval()
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        assert (model(x) - expected).abs().max() < 1e-6, "outputs differ"
+        assert sum(p.numel() for p in model.parameters()) < 0.75 * sum(p.numel() for p in build_model("mobilenet_v1", (3, 32, 32), 10).parameters())
+        print("loaded")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "loaded" in result.stdout
+
+
+def test_loading_a_compacted_file_into_another_architecture_is_refused(tmp_path):
+    model = TinyResNet()
+    example = torch.randn(1, 3, 8, 8)
+    PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example).finalize()
+    save_compacted(tmp_path / "small.pt", compact(model, example), example)
+    with pytest.raises(ValueError, match=r"does not fit this architecture"):
+        load_compacted(tmp_path / "small.pt", build_model("mobilenet_v1", (3, 32, 32), 10))
+
+
+def test_channel_structure_without_example_inputs_is_refused(tiny_resnet):
+    with pytest.raises(ValueError, match=r"structure 'channel' needs example_inputs=\.\.\."):
+        PDPPruner(tiny_resnet, PruningConfig(structure="channel"))
+    assert not any(parametrize.is_parametrized(m) for m in tiny_resnet.modules())
+
+
+def test_channel_group_coupled_with_an_unselected_layer_stays_dense(tiny_resnet):
+    config = PruningConfig(structure="channel", exclude=("block1_conv2",))
+    with pytest.warns(UserWarning, match=r"'stem': \"coupled with layers not selected for channel pruning: \['block1_conv2'\]"):
+        pruner = PDPPruner(tiny_resnet, config, example_inputs=torch.randn(1, 3, 8, 8))
+    assert "stem" not in pruner.units and "block1_conv1" in pruner.units
+
+
+def test_channel_pruning_resumes_from_model_state_alone(tiny_resnet):
+    example = torch.randn(2, 3, 8, 8)
+    pruner = PDPPruner(tiny_resnet, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example)
+    other = TinyResNet()
+    PDPPruner(other, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=example)
+    other.load_state_dict(tiny_resnet.state_dict())
+    tiny_resnet.eval(), other.eval()
+    torch.testing.assert_close(other(example), tiny_resnet(example))
+    assert pruner.current_sparsity("stem") == 0.5
