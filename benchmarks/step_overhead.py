@@ -61,7 +61,7 @@ def workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[torch.devi
 
 METHODS: dict[str, Callable[[nn.Module], object | None]] = {
     "dense": lambda model: None,
-    "PDP unstructured 90%": lambda model: PDPPruner(model, PruningConfig(sparsity=0.9, schedule=AT_TARGET)),
+    "PDP unstructured 90%": lambda model: PDPPruner(model, PruningConfig(sparsity=0.9, allocation="uniform", schedule=AT_TARGET)),
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from pdprune._version import __version__
 from pdprune.checkpoint import save_checkpoint
 from pdprune.data import DATASETS, load_dataset
+from pdprune.experiments import load_grid, run_grid, summarize
 from pdprune.models import MODELS, build_model
 from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig
 from pdprune.pruner import PDPPruner
@@ -139,6 +140,16 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_bench(args: argparse.Namespace) -> int:
+    grid = load_grid(args.config)
+    out = args.out or Path("benchmarks/results") / grid.name
+    rows = run_grid(grid, out, args.data_dir, progress=not args.quiet, only=args.only)
+    if rows:
+        print(summarize(rows, out, f"{grid.name}: {grid.config['dataset']} / {grid.config['model']}, {grid.config['train'].get('epochs')} epochs"))
+    print(f"{len(rows)} of {len(grid.runs)} runs done; results in {out / 'results.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdprune", description="Parameter-free Differentiable Pruning for PyTorch models.")
     parser.add_argument("--version", action="version", version=f"pdprune {__version__}")
@@ -146,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="prune a model on a dataset to a target sparsity")
     _add_train_arguments(train_parser)
     train_parser.set_defaults(handler=command_train)
+    bench_parser = commands.add_parser("bench", help="run (or resume) a benchmark grid from a TOML config")
+    bench_parser.add_argument("config", type=Path, help="grid file, e.g. benchmarks/configs/quick.toml")
+    bench_parser.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results/<grid name>)")
+    bench_parser.add_argument("--data-dir", default=None, help="directory of the datasets (default: $PDPRUNE_DATA)")
+    bench_parser.add_argument("--only", default=None, metavar="TEXT", help="run only the runs whose key contains TEXT")
+    bench_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench_parser.set_defaults(handler=command_bench)
     return parser
 
 

@@ -129,11 +129,11 @@ def train(
                 f"checkpoint {str(checkpoint_path)!r} belongs to another run (train config differs); "
                 "delete it or pass another checkpoint path"
             )
+        if method is not None:  # first: a method may have to re-create the tensors the model state holds
+            method.load_state_dict(state["method"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
-        if method is not None:
-            method.load_state_dict(state["method"])
         generator.set_state(state["generator"])
         first_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
 

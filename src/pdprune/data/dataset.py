@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ class Dataset:
     evaluations: dict[str, tuple[Tensor, Tensor]]
     num_classes: int
     augment: Augment | None = field(default=None, repr=False)
+    vocabulary: tuple[str, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.train_inputs) != len(self.train_labels):
@@ -45,13 +46,11 @@ class Dataset:
 
     def subset(self, train_size: int, evaluation_size: int) -> Dataset:
         """The first examples of every split: for smoke tests and quick runs."""
-        return Dataset(
-            self.name,
-            self.train_inputs[:train_size],
-            self.train_labels[:train_size],
-            {k: (x[:evaluation_size], y[:evaluation_size]) for k, (x, y) in self.evaluations.items()},
-            self.num_classes,
-            self.augment,
+        return replace(
+            self,
+            train_inputs=self.train_inputs[:train_size],
+            train_labels=self.train_labels[:train_size],
+            evaluations={k: (x[:evaluation_size], y[:evaluation_size]) for k, (x, y) in self.evaluations.items()},
         )
 
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
+from pdprune.models.lenet import LeNet5
 from pdprune.models.mlp import MLP
 from pdprune.models.mobilenet import MobileNetV1
 from pdprune.models.resnet_cifar import ResNetCifar
+from pdprune.models.transformer import TransformerClassifier
+from pdprune.models.vgg import VGGSmall
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "load_pretrained"]
 
-ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
+ModelBuilder = Callable[..., nn.Module]
+
 
 def _resnet_cifar(depth: int) -> ModelBuilder:
     def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -21,15 +27,54 @@ def _resnet_cifar(depth: int) -> ModelBuilder:
     return build
 
 
+def _transformer(input_shape: tuple[int, ...], num_classes: int, vocabulary_size: int | None = None) -> nn.Module:
+    if vocabulary_size is None:
+        raise ValueError("model 'transformer' reads token ids: pass vocabulary_size= (the dataset's len(vocabulary))")
+    return TransformerClassifier(vocabulary_size, num_classes, max_length=input_shape[0])
+
+
 MODELS: dict[str, ModelBuilder] = {
     "mlp": MLP,
-    "mobilenet_v1": lambda input_shape, num_classes: MobileNetV1(num_classes, in_channels=input_shape[0]),
+    "lenet5": LeNet5,
     **{f"resnet{depth}": _resnet_cifar(depth) for depth in (20, 32, 44, 56)},
+    "mobilenet_v1": lambda input_shape, num_classes: MobileNetV1(num_classes, in_channels=input_shape[0]),
+    "vgg_small": lambda input_shape, num_classes: VGGSmall(num_classes, in_channels=input_shape[0]),
+    "transformer": _transformer,
 }
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build model `name` for inputs of `input_shape` (without the batch) and `num_classes` outputs."""
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, vocabulary_size: int | None = None) -> nn.Module:
+    """Build model `name` for inputs of `input_shape` (without the batch) and `num_classes` outputs.
+
+    `vocabulary_size` is needed by text models only.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if name == "transformer":
+        return _transformer(tuple(input_shape), num_classes, vocabulary_size)
     return MODELS[name](tuple(input_shape), num_classes)
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights into `model` from a plain state_dict, a `{"state_dict": ...}` or `{"model": ...}`
+    checkpoint, with or without DataParallel's `module.` prefix (as in the akamaster ResNets).
+
+    Raises:
+        ValueError: the file's tensors do not fit the model (the first mismatches are named).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
+    ours = model.state_dict()
+    missing = sorted(k for k in set(ours) - set(state) if not k.endswith("num_batches_tracked"))  # older files lack it
+    unexpected = sorted(set(state) - set(ours))
+    reshaped = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{os.fspath(path)!r} does not fit {type(model).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"different shapes {reshaped[:4]}; build the architecture that was trained"
+        )
+    model.load_state_dict(state, strict=False)
+    return model

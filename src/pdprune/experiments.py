@@ -1,0 +1,256 @@
+"""The benchmark harness: a grid of method x sparsity x seed on real data, every run with the same
+epochs, optimizer, learning-rate schedule and data order; resumable, written as JSON lines.
+
+A grid is a TOML file (see `benchmarks/configs/`):
+
+    name = "quick"
+    dataset = "fashion_mnist"
+    model = "lenet5"
+    seeds = [0, 1, 2]
+    [train]                      # TrainConfig fields
+    epochs = 10
+    [schedule]                   # when pruning starts and when the target is reached
+    warmup_epochs = 1
+    ramp_end_epoch = 6
+    [[runs]]
+    methods = ["dense"]
+    [[runs]]
+    methods = ["pdp", "gmp"]
+    structure = "unstructured"
+    sparsities = [0.9, 0.95]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import tomllib
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pdprune._version import __version__
+from pdprune.baselines import BASELINES, MethodSpec, build_baseline
+from pdprune.config import PruningConfig, parse_structure
+from pdprune.data import load_dataset
+from pdprune.models import build_model, load_pretrained
+from pdprune.pruner import PDPPruner
+from pdprune.report import model_sparsity
+from pdprune.schedule import ScheduleConfig
+from pdprune.structure import compact, count_macs_and_parameters
+from pdprune.train import TrainConfig, train
+
+__all__ = ["RunSpec", "Grid", "load_grid", "run_one", "run_grid", "summarize", "METHODS"]
+
+METHODS = ("dense", "pdp", *BASELINES)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid. `key` names it in the results and checkpoints."""
+
+    dataset: str
+    model: str
+    method: str
+    structure: str
+    sparsity: float
+    seed: int
+    train: TrainConfig
+    warmup_epochs: float
+    ramp_end_epoch: float
+    pretrained: str | None = None
+    pdp: dict[str, Any] = field(default_factory=dict)  # extra PruningConfig fields for PDP (temperature, ...)
+    label: str | None = None  # a name for a PDP variant, e.g. "pdp tau=0.1"
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+    @property
+    def key(self) -> str:
+        setting = "dense" if self.method == "dense" else f"{self.structure}-{self.sparsity:g}"
+        return f"{self.dataset}-{self.model}-{self.name.replace(' ', '_')}-{setting}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    runs: tuple[RunSpec, ...]
+    config: dict[str, Any]
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read a grid TOML file and expand it into runs. Raises ValueError naming the bad entry."""
+    config = tomllib.loads(Path(path).read_text())
+    for required in ("name", "dataset", "model", "seeds", "runs"):
+        if required not in config:
+            raise ValueError(f"grid {str(path)!r} lacks {required!r}")
+    train_config = TrainConfig(**config.get("train", {}))
+    schedule = config.get("schedule", {})
+    runs = []
+    for index, entry in enumerate(config["runs"]):
+        for method in entry["methods"]:
+            if method not in METHODS:
+                raise ValueError(f"runs[{index}]: unknown method {method!r}; choose from {list(METHODS)}")
+            structure = entry.get("structure", "unstructured")
+            parsed = parse_structure(structure)
+            sparsities = [0.0] if method == "dense" else entry.get("sparsities", [1 - parsed[0] / parsed[1]] if isinstance(parsed, tuple) else None)
+            if sparsities is None:
+                raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
+            for sparsity in sparsities:
+                for seed in config["seeds"]:
+                    runs.append(RunSpec(
+                        config["dataset"], config["model"], method, structure, float(sparsity), int(seed),
+                        TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
+                        float(schedule.get("warmup_epochs", 1)), float(schedule.get("ramp_end_epoch", train_config.epochs // 2)),
+                        config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
+                    ))
+    keys = [run.key for run in runs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"grid {str(path)!r} has the same run twice: {duplicates[:3]}; give PDP variants a distinct label")
+    return Grid(config["name"], tuple(runs), config)
+
+
+def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train one run of the grid and measure it: accuracy per split, achieved sparsity, time, size."""
+    dataset = load_dataset(spec.dataset, data_dir)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, dataset.input_shape, dataset.num_classes,
+                        vocabulary_size=None if dataset.vocabulary is None else len(dataset.vocabulary))
+    if spec.pretrained is not None:
+        load_pretrained(model, Path(data_dir or os.environ.get("PDPRUNE_DATA", ".")) / spec.pretrained)
+    example = dataset.train_inputs[:2]
+    steps_per_epoch = dataset.steps_per_epoch(spec.train.batch_size)
+    method = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers left dense are reported in the results instead
+        if spec.method == "pdp":
+            config = PruningConfig.from_dict({
+                "sparsity": spec.sparsity, "structure": spec.structure,
+                "schedule": ScheduleConfig(warmup_epochs=spec.warmup_epochs, ramp_end_epoch=spec.ramp_end_epoch, steps_per_epoch=steps_per_epoch),
+                **spec.pdp,
+            })
+            method = PDPPruner(model, config, example_inputs=example)
+        elif spec.method != "dense":
+            method = build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
+        result = train(model, dataset, spec.train, method, checkpoint_path=checkpoint, progress=progress, description=spec.key)
+    report = model_sparsity(model)
+    row: dict[str, Any] = {
+        "key": spec.key, "dataset": spec.dataset, "model": spec.model, "method": spec.name, "structure": spec.structure,
+        "target_sparsity": spec.sparsity, "seed": spec.seed, "accuracy": result.accuracy,
+        "achieved_sparsity": report.sparsity, "train_seconds": result.seconds, "epochs": spec.train.epochs,
+        "history": result.history, "spec": {**asdict(spec), "train": asdict(spec.train)},
+        "pdprune_version": __version__, "torch_version": torch.__version__,
+    }
+    if spec.structure == "channel" or spec.method == "dense":
+        small = compact(model, example[:1]) if spec.structure == "channel" else model
+        row["macs"], row["parameters"] = count_macs_and_parameters(small, example[:1])
+    return row
+
+
+def _completed(results: Path) -> dict[str, dict[str, Any]]:
+    """Finished runs by key; a torn last line (a crash mid-write) is ignored and redone."""
+    done = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["key"]] = row
+    return done
+
+
+def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress: bool = True, only: str | None = None) -> list[dict[str, Any]]:
+    """Run every run of `grid` not yet in `out/results.jsonl`, appending each result as it finishes.
+
+    An interrupted run resumes from its last epoch checkpoint in `out/checkpoints/`.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(json.dumps(grid.config, indent=1) + "\n")
+    results = out / "results.jsonl"
+    done = _completed(results)
+    pending = [run for run in grid.runs if run.key not in done and (only is None or only in run.key)]
+    for run in tqdm(pending, desc=f"grid {grid.name}", disable=not progress):
+        checkpoint = out / "checkpoints" / f"{run.key}.pt"
+        started = time.perf_counter()
+        row = run_one(run, data_dir, checkpoint, progress=False)
+        row["wall_seconds"] = time.perf_counter() - started
+        with open(results, "a") as file:
+            file.write(json.dumps(row) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        checkpoint.unlink(missing_ok=True)
+        done[run.key] = row
+    return [done[run.key] for run in grid.runs if run.key in done]
+
+
+def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
+    """Markdown table (mean ± std over seeds) and a plot of accuracy vs sparsity, one line per method."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        setting = {"dense": "dense", "unstructured": f"{100 * row['target_sparsity']:g}%", "channel": f"channel {100 * row['target_sparsity']:g}%"}.get(
+            "dense" if row["method"] == "dense" else row["structure"], row["structure"])
+        groups[(setting, row["method"])].append(row)
+    splits = list(rows[0]["accuracy"]) if rows else []
+
+    def mean_std(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+    header = ["setting", "method", "seeds", *[f"{split} accuracy (%)" for split in splits], "achieved sparsity", "train time (s)"]
+    if any("parameters" in row for row in rows):
+        header.append("parameters")
+    lines = [f"{title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (setting, method), members in groups.items():
+        cells = [setting, method, str(len(members))]
+        cells += [mean_std([100 * m["accuracy"][split] for m in members]) for split in splits]
+        cells += [f"{100 * statistics.mean(m['achieved_sparsity'] for m in members):.2f}%", f"{statistics.mean(m['train_seconds'] for m in members):.0f}"]
+        if "parameters" in header:
+            cells.append(f"{members[0]['parameters']:,}" if "parameters" in members[0] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(table)
+    _plot(groups, splits[0] if splits else None, out / "accuracy_vs_sparsity.png", title)
+    return table
+
+
+def _plot(groups: dict[tuple, list[dict]], split: str | None, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if split is None:
+        return
+    by_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    dense = None
+    for (setting, method), members in groups.items():
+        scores = [100 * m["accuracy"][split] for m in members]
+        if method == "dense":
+            dense = statistics.mean(scores)
+        elif members[0]["structure"] == "unstructured":
+            by_method[method].append((100 * members[0]["target_sparsity"], statistics.mean(scores), statistics.pstdev(scores)))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
+    if dense is not None:
+        axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    axis.set_xlabel("unstructured sparsity (%)")
+    axis.set_ylabel(f"{split} accuracy (%)")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
