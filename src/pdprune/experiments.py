@@ -18,6 +18,9 @@ A grid is a TOML file (see `benchmarks/configs/`):
     methods = ["pdp", "gmp"]
     structure = "unstructured"
     sparsities = [0.9, 0.95]
+
+Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
+and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields) for PDP variants.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class RunSpec:
     pretrained: str | None = None
     pdp: dict[str, Any] = field(default_factory=dict)  # extra PruningConfig fields for PDP (temperature, ...)
     label: str | None = None  # a name for a PDP variant, e.g. "pdp tau=0.1"
+    train_limit: int | None = None  # use only the first examples of each split (smoke tests)
 
     @property
     def name(self) -> str:
@@ -111,6 +115,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
                         float(schedule.get("warmup_epochs", 1)), float(schedule.get("ramp_end_epoch", train_config.epochs // 2)),
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
+                        config.get("train_limit"),
                     ))
     keys = [run.key for run in runs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
@@ -122,6 +127,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
 def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Train one run of the grid and measure it: accuracy per split, achieved sparsity, time, size."""
     dataset = load_dataset(spec.dataset, data_dir)
+    if spec.train_limit is not None:
+        dataset = dataset.subset(spec.train_limit, spec.train_limit)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, dataset.input_shape, dataset.num_classes,
                         vocabulary_size=None if dataset.vocabulary is None else len(dataset.vocabulary))

@@ -12,7 +12,7 @@ TEST_FRACTION = 0.2
 
 
 def load_digits(seed: int = 0) -> Dataset:
-    """1,437 training and 360 test images (a fixed seeded split), pixels scaled to [0, 1], shape (1, 8, 8)."""
+    """1,438 training and 359 test images (a fixed seeded split), pixels scaled to [0, 1], shape (1, 8, 8)."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:

@@ -1,0 +1,69 @@
+"""Every method of the benchmark runs two epochs on a tiny subset and reaches its structure."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pdprune import PDPPruner, PruningConfig, ScheduleConfig, is_nm_sparse, model_sparsity
+from pdprune.baselines import BASELINES, MethodSpec, build_baseline
+from pdprune.baselines.gmp import cubic_sparsity
+from pdprune.data import load_dataset
+from pdprune.models import build_model
+from pdprune.train import TrainConfig, train
+
+CASES = [("gmp", "unstructured", 0.8), ("torch_ao", "unstructured", 0.8), ("oneshot", "unstructured", 0.8),
+         ("torch_pruning", "channel", 0.5), ("srste", "2:4", 0.5), ("pdp", "unstructured", 0.8), ("pdp", "2:4", 0.5), ("pdp", "channel", 0.5)]
+
+
+@pytest.mark.parametrize("method,structure,sparsity", CASES)
+def test_every_method_runs_two_epochs_on_a_tiny_subset(method, structure, sparsity):
+    data = load_dataset("digits").subset(256, 64)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, data.num_classes)
+    spec = MethodSpec(sparsity, structure, warmup_epochs=0.5, ramp_end_epoch=1.5, steps_per_epoch=data.steps_per_epoch(32))
+    example = data.train_inputs[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "pdp":
+            schedule = ScheduleConfig(warmup_epochs=0.5, ramp_end_epoch=1.5, steps_per_epoch=spec.steps_per_epoch)
+            pruner = PDPPruner(model, PruningConfig(sparsity=sparsity, structure=structure, schedule=schedule), example_inputs=example)
+        else:
+            pruner = build_baseline(method, model, spec, example)
+    result = train(model, data, TrainConfig(epochs=2, batch_size=32), pruner, progress=False)
+    assert 0 <= result.accuracy["test"] <= 1
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if structure == "unstructured":
+        expected = sparsity if method != "torch_ao" else sparsity  # the MLP has Linear layers only
+        assert model_sparsity(model).sparsity == pytest.approx(expected, abs=0.01)
+    elif structure == "2:4":
+        assert all(is_nm_sparse(w, 2, 4) for w in weights)
+    else:
+        hidden = weights[0]
+        dead = int((hidden.detach().abs().sum(dim=1) == 0).sum())
+        assert dead == hidden.shape[0] // 2
+
+
+def test_unknown_or_unsupported_baselines_are_refused():
+    model = build_model("mlp", (1, 8, 8), 10)
+    spec = MethodSpec(0.5, "channel", 1, 2, 10)
+    with pytest.raises(ValueError, match=r"baseline 'gmp' handles \['unstructured'\] sparsity, not 'channel'"):
+        build_baseline("gmp", model, spec, torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"unknown baseline 'lottery'; choose one of"):
+        build_baseline("lottery", model, spec, torch.randn(1, 1, 8, 8))
+    assert set(BASELINES) == {"gmp", "torch_ao", "oneshot", "torch_pruning", "srste"}
+
+
+def test_torch_ao_cannot_prune_convolutions_and_says_so_without_linear_layers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"prunes only Linear layers, and this model has none"):
+        build_baseline("torch_ao", model, MethodSpec(0.5, "unstructured", 0, 1, 10), torch.randn(1, 3, 8, 8))
+
+
+def test_cubic_schedule():
+    assert cubic_sparsity(0, 10, 20, 0.9) == 0
+    assert cubic_sparsity(10, 10, 20, 0.9) == 0
+    assert cubic_sparsity(15, 10, 20, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert cubic_sparsity(25, 10, 20, 0.9) == 0.9

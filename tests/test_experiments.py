@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands for a crash or a kill in the middle of a run."""
+
+from pdprune import experiments
+from pdprune.experiments import load_grid, run_grid, summarize
+
+GRID = """
+name = "smoke"
+dataset = "digits"
+model = "mlp"
+seeds = [0, 1]
+train_limit = 300
+[train]
+epochs = 2
+batch_size = 64
+[schedule]
+warmup_epochs = 0.5
+ramp_end_epoch = 1
+[[runs]]
+methods = ["dense"]
+[[runs]]
+methods = ["pdp", "gmp"]
+sparsities = [0.8]
+[[runs]]
+methods = ["pdp"]
+label = "pdp tau=0.1"
+pdp = { temperature = 0.1 }
+sparsities = [0.8]
+"""
+
+
+def test_grid_expands_methods_sparsities_and_seeds(tmp_path):
+    (tmp_path / "grid.toml").write_text(GRID)
+    grid = load_grid(tmp_path / "grid.toml")
+    assert len(grid.runs) == 2 * (1 + 2 + 1)
+    assert {run.name for run in grid.runs} == {"dense", "pdp", "gmp", "pdp tau=0.1"}
+    assert next(run for run in grid.runs if run.label).pdp == {"temperature": 0.1}
+
+
+def test_grid_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
+    (tmp_path / "grid.toml").write_text(GRID)
+    grid = load_grid(tmp_path / "grid.toml")
+    calls = []
+    real_run_one = experiments.run_one
+
+    def interrupted(spec, *args, **kwargs):
+        calls.append(spec.key)
+        if calls == [run.key for run in grid.runs[:3]]:  # dies on the third run, the first time only
+            raise SimulatedCrash
+        return real_run_one(spec, *args, **kwargs)
+
+    monkeypatch.setattr(experiments, "run_one", interrupted)
+    with pytest.raises(SimulatedCrash):
+        run_grid(grid, tmp_path / "out", None, progress=False)
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 2
+    first_two = calls[:2]
+    calls.clear()
+    rows = run_grid(grid, tmp_path / "out", None, progress=False)
+    assert len(rows) == len(grid.runs) and not set(calls) & set(first_two)
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(grid.runs)
+    row = json.loads(lines[-1])
+    assert {"accuracy", "achieved_sparsity", "train_seconds", "spec", "history"} <= set(row)
+
+    table = summarize(rows, tmp_path / "out", "smoke")
+    assert "| 80% | pdp tau=0.1 | 2 |" in table and "± " in table
+    assert (tmp_path / "out" / "accuracy_vs_sparsity.png").stat().st_size > 1000
+
+
+def test_a_torn_last_line_is_redone(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"key": "a"}) + "\n" + '{"key": "b", "acc')
+    assert set(experiments._completed(results)) == {"a"}
+
+
+def test_bad_grid_entries_are_named(tmp_path):
+    (tmp_path / "g.toml").write_text(GRID.replace('methods = ["pdp", "gmp"]', 'methods = ["pdp", "magic"]'))
+    with pytest.raises(ValueError, match=r"runs\[1\]: unknown method 'magic'"):
+        load_grid(tmp_path / "g.toml")
