@@ -1,12 +1,18 @@
-"""Training-step time of PDP relative to dense training, measured side by side in one process.
+"""Training-step time and peak memory of PDP and its peers relative to dense training, side by side.
 
-    python benchmarks/step_overhead.py                 # CPU, 2 threads
+    python benchmarks/step_overhead.py                  # CPU, 2 threads
     python benchmarks/step_overhead.py --device cuda
 
-Each repeat times `--steps` training steps (forward + backward + optimizer step) of every method in
-turn, after warm-up steps, so that drift of a shared machine hits all methods alike. Reports the median
-step time over repeats, its spread (min-max), and the ratio of medians to dense. Writes
-benchmarks/results/step_overhead_<device>.json and .md.
+Workloads: (a) ResNet-20 at CIFAR shapes, batch 128; (b) four 768-3072-768 MLP blocks, batch 256;
+(c) two BERT-base encoder layers (hidden 768, 12 heads, seq 128), batch 8. Each timed repeat runs
+`--steps` training steps (forward, backward, optimizer step, mask update) of every method in turn,
+after warm-up steps (which also compile PDP's kernels), so that drift of a shared machine hits all
+methods alike. Reported: median step time over repeats, min-max, ratio of medians to dense, and peak
+memory above dense (CUDA: allocator peak; CPU: peak resident memory of a fresh process per method).
+PDP budgets are uniform here: global allocation at initialization can give a layer 100% sparsity,
+whose mask then costs nothing, which would flatter the measurement.
+
+Writes benchmarks/results/step_overhead_<device>.json and .md.
 """
 
 from __future__ import annotations
@@ -14,60 +20,156 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig
 from pdprune.models import build_model
+from pdprune.models.transformer import EncoderLayer
+from pdprune.parametrizations import UnstructuredMask
 
 RESULTS = Path(__file__).parent / "results"
 AT_TARGET = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)
+PRUNABLE = (nn.Conv2d, nn.Linear)
 
 
-def mlp_stack(blocks: int = 4, width: int = 768, hidden: int = 3072) -> nn.Module:
-    """`blocks` residual feed-forward blocks 768 -> 3072 -> 768, as in a BERT-base layer."""
+class MLPBlock(nn.Module):
+    def __init__(self, width: int = 768, hidden: int = 3072) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
 
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(width)
-            self.up = nn.Linear(width, hidden)
-            self.down = nn.Linear(hidden, width)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
-
-    return nn.Sequential(*[Block() for _ in range(blocks)])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
 
 
-def workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[torch.device], tuple[torch.Tensor, ...]]]]:
-    """name -> (model builder, batch maker)."""
-    return {
-        "resnet20 (CIFAR, batch 128)": (
-            lambda: build_model("resnet20", (3, 32, 32), 10),
-            lambda device: (torch.randn(128, 3, 32, 32, device=device), torch.randint(0, 10, (128,), device=device)),
-        ),
-        "4 MLP blocks 768-3072-768 (batch 256)": (
-            mlp_stack,
-            lambda device: (torch.randn(256, 768, device=device), None),
-        ),
-    }
+class EncoderStack(nn.Module):
+    def __init__(self, layers: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(768, 12, 3072, dropout=0.0) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
-METHODS: dict[str, Callable[[nn.Module], object | None]] = {
-    "dense": lambda model: None,
-    "PDP unstructured 90%": lambda model: PDPPruner(model, PruningConfig(sparsity=0.9, allocation="uniform", schedule=AT_TARGET)),
+WORKLOADS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.device], tuple[torch.Tensor, torch.Tensor | None]]]] = {
+    "(a) ResNet-20, batch 128": (
+        lambda: build_model("resnet20", (3, 32, 32), 10),
+        lambda device: (torch.randn(128, 3, 32, 32, device=device), torch.randint(0, 10, (128,), device=device)),
+    ),
+    "(b) 4 MLP blocks 768-3072-768, batch 256": (
+        lambda: nn.Sequential(*[MLPBlock() for _ in range(4)]),
+        lambda device: (torch.randn(256, 768, device=device), None),
+    ),
+    "(c) 2 BERT-base layers, seq 128, batch 8": (
+        EncoderStack,
+        lambda device: (torch.randn(8, 128, 768, device=device), None),
+    ),
 }
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    out = model(x)
-    return nn.functional.cross_entropy(out, y) if y is not None else out.square().mean()
+class StraightforwardPDP(UnstructuredMask):
+    """PDP as first written (and kept as the tests' oracle): a full sort for t, the soft mask by autograd."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.soft_mask(weight, self.sparsity)
+
+
+class StraightforwardPruner:
+    def __init__(self, model: nn.Module, sparsity: float) -> None:
+        for module in model.modules():
+            if isinstance(module, PRUNABLE):
+                mask = StraightforwardPDP(0.05, True)
+                mask.sparsity = sparsity
+                parametrize.register_parametrization(module, "weight", mask)
+
+    def step(self) -> None:
+        pass
+
+
+class TorchPrunePerStep:
+    """torch.nn.utils.prune's L1 mask, recomputed every step (remove, then prune again)."""
+
+    def __init__(self, model: nn.Module, sparsity: float) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, PRUNABLE)]
+        self.sparsity = sparsity
+        for module in self.layers:
+            prune.l1_unstructured(module, "weight", amount=sparsity)
+
+    def step(self) -> None:
+        for module in self.layers:
+            prune.remove(module, "weight")
+            prune.l1_unstructured(module, "weight", amount=self.sparsity)
+
+
+class TorchAOPerStep:
+    """torch.ao.pruning.WeightNormSparsifier with its mask updated every step (Linear layers only)."""
+
+    def __init__(self, model: nn.Module, sparsity: float) -> None:
+        from torch.ao.pruning import WeightNormSparsifier
+
+        self.sparsifier = WeightNormSparsifier(sparsity_level=sparsity, sparse_block_shape=(1, 1), zeros_per_block=1)
+        config = [{"tensor_fqn": f"{name}.weight"} for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        self.sparsifier.prepare(model, config)
+        self.sparsifier.step()
+
+    def step(self) -> None:
+        self.sparsifier.step()
+
+
+def _pdp(structure: str, sparsity: float, compile_kernels: bool = True) -> Callable[[nn.Module, torch.Tensor], object]:
+    def attach(model: nn.Module, example: torch.Tensor) -> object:
+        config = PruningConfig(sparsity=sparsity, structure=structure, allocation="uniform", schedule=AT_TARGET, compile_kernels=compile_kernels)
+        return PDPPruner(model, config, example_inputs=example[:1])
+
+    return attach
+
+
+METHODS: dict[str, Callable[[nn.Module, torch.Tensor], object | None]] = {
+    "dense": lambda model, example: None,
+    "PDP 90%, straightforward": lambda model, example: StraightforwardPruner(model, 0.9),
+    "PDP 90%": _pdp("unstructured", 0.9),
+    "PDP 90%, eager kernels": _pdp("unstructured", 0.9, compile_kernels=False),
+    "PDP 2:4": _pdp("2:4", 0.5),
+    "PDP channel 50%": _pdp("channel", 0.5),
+    "torch.ao WeightNorm 90%, per step (Linear only)": lambda model, example: TorchAOPerStep(model, 0.9),
+    "torch.nn.utils.prune L1 90%, per step": lambda model, example: TorchPrunePerStep(model, 0.9),
+}
+
+
+def _setup(workload: str, method: str, device: torch.device):
+    build, batch = WORKLOADS[workload]
+    x, y = batch(device)
+    torch.manual_seed(0)
+    model = build().to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stepper = METHODS[method](model, x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y) if y is not None else out.square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if stepper is not None:
+            stepper.step()
+
+    return step
 
 
 def _synchronize(device: torch.device) -> None:
@@ -75,75 +177,95 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(workload: str, device: torch.device, steps: int, repeats: int, warmup: int) -> dict[str, dict]:
-    build, batch = workloads()[workload]
-    x, y = batch(device)
-    runs = {}
-    for method, attach in METHODS.items():
-        torch.manual_seed(0)
-        model = build().to(device)
-        pruner = attach(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        runs[method] = (model, pruner, optimizer, [])
-
-    def one_step(model, pruner, optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
-        optimizer.step()
-        if pruner is not None:
-            pruner.step()
-
-    for model, pruner, optimizer, _ in runs.values():
+def measure_times(workload: str, methods: list[str], device: torch.device, steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    steppers = {method: _setup(workload, method, device) for method in methods}
+    for step in steppers.values():
         for _ in range(warmup):
-            one_step(model, pruner, optimizer)
+            step()
+    times: dict[str, list[float]] = {method: [] for method in methods}
     for _ in range(repeats):
-        for model, pruner, optimizer, times in runs.values():
+        for method, step in steppers.items():
             _synchronize(device)
             started = time.perf_counter()
             for _ in range(steps):
-                one_step(model, pruner, optimizer)
+                step()
             _synchronize(device)
-            times.append((time.perf_counter() - started) / steps)
-    dense = statistics.median(runs["dense"][3])
-    return {
-        method: {
-            "median_ms": 1e3 * statistics.median(times),
-            "min_ms": 1e3 * min(times),
-            "max_ms": 1e3 * max(times),
-            "ratio_to_dense": statistics.median(times) / dense,
-        }
-        for method, (_, _, _, times) in runs.items()
-    }
+            times[method].append((time.perf_counter() - started) / steps)
+    return times
+
+
+def peak_memory_mb(workload: str, method: str, device: torch.device, steps: int = 3) -> float:
+    """Peak memory of a few steps: CUDA allocator peak in this process; on CPU, a fresh process's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        step = _setup(workload, method, device)
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    output = subprocess.run([sys.executable, __file__, "--memory-of", workload, method], capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def _peak_resident_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, so unlike ru_maxrss it
+    does not inherit the (larger) peak of the parent that spawned us."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS), metavar="WORKLOAD")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--memory-of", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.memory_of:
+        step = _setup(*args.memory_of, device)
+        for _ in range(3):
+            step()
+        print(_peak_resident_mb())
+        return
 
+    methods = ["dense", *[m for m in args.methods if m != "dense"]]
     results = {}
-    for workload in workloads():
-        results[workload] = measure(workload, device, args.steps, args.repeats, args.warmup)
-        for method, row in results[workload].items():
-            print(f"{workload:40s} {method:28s} {row['median_ms']:9.2f} ms  x{row['ratio_to_dense']:.3f}", flush=True)
+    for workload in args.workloads:
+        times = measure_times(workload, methods, device, args.steps, args.repeats, args.warmup)
+        dense_time = statistics.median(times["dense"])
+        dense_memory = peak_memory_mb(workload, "dense", device)
+        prunable = sum(m.weight.numel() * 4 for m in WORKLOADS[workload][0]().modules() if isinstance(m, PRUNABLE)) / 2**20
+        results[workload] = {"prunable_weights_mb": prunable, "methods": {}}
+        for method in methods:
+            extra = peak_memory_mb(workload, method, device) - dense_memory
+            row = {
+                "median_ms": 1e3 * statistics.median(times[method]), "min_ms": 1e3 * min(times[method]), "max_ms": 1e3 * max(times[method]),
+                "ratio_to_dense": statistics.median(times[method]) / dense_time, "extra_peak_memory_mb": extra,
+            }
+            results[workload]["methods"][method] = row
+            print(f"{workload:44s} {method:48s} {row['median_ms']:9.1f} ms  x{row['ratio_to_dense']:.3f}  {extra:+7.1f} MB", flush=True)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"step_overhead_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(
-        {"args": vars(args), "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results},
-        indent=1) + "\n")
-    lines = [f"Training-step time, median of {args.repeats} repeats of {args.steps} steps ({machine}, torch {torch.__version__})", "",
-             "| workload | method | step (ms) | min-max (ms) | / dense |", "|---|---|---|---|---|"]
-    for workload, rows in results.items():
-        for method, row in rows.items():
-            lines.append(f"| {workload} | {method} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | {row['ratio_to_dense']:.3f} |")
+        {"args": vars(args), "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1) + "\n")
+    lines = [f"Training-step time, median of {args.repeats} repeats of {args.steps} steps; {machine}; torch {torch.__version__}", "",
+             "| workload | method | step (ms) | min-max (ms) | / dense | peak memory above dense (MB) |", "|---|---|---|---|---|---|"]
+    for workload, entry in results.items():
+        for method, row in entry["methods"].items():
+            lines.append(f"| {workload} | {method} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
+                         f"{row['ratio_to_dense']:.3f} | {row['extra_peak_memory_mb']:+.0f} |")
+        lines.append(f"| {workload} | (one copy of the prunable weights) | | | | {entry['prunable_weights_mb']:.0f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -84,3 +84,13 @@ def test_bad_grid_entries_are_named(tmp_path):
     (tmp_path / "g.toml").write_text(GRID.replace('methods = ["pdp", "gmp"]', 'methods = ["pdp", "magic"]'))
     with pytest.raises(ValueError, match=r"runs\[1\]: unknown method 'magic'"):
         load_grid(tmp_path / "g.toml")
+
+
+def test_every_shipped_grid_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.toml"))
+    assert len(configs) >= 4
+    for path in configs:
+        grid = load_grid(path)
+        assert grid.runs and all(run.dataset == grid.config["dataset"] for run in grid.runs)

@@ -15,7 +15,7 @@ from pdprune._version import __version__
 from pdprune.checkpoint import save_checkpoint
 from pdprune.data import DATASETS, load_dataset
 from pdprune.experiments import load_grid, run_grid, summarize
-from pdprune.models import MODELS, build_model
+from pdprune.models import MODELS, build_model, load_pretrained
 from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig
 from pdprune.pruner import PDPPruner
 from pdprune.schedule import ALLOCATIONS, ScheduleConfig
@@ -32,6 +32,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="digits", choices=sorted(DATASETS), help="default: %(default)s (bundled, no download)")
     data.add_argument("--model", default="mlp", choices=sorted(MODELS), help="default: %(default)s")
     data.add_argument("--data-dir", default=None, help="directory of the datasets (default: $PDPRUNE_DATA)")
+    data.add_argument("--download", action="store_true", help="fetch missing dataset files from their official sources")
+    data.add_argument("--pretrained", default=None, metavar="PATH", help="start from these weights (a state_dict or checkpoint)")
     pruning = parser.add_argument_group("pruning")
     pruning.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights to prune (default: %(default)s)")
     pruning.add_argument("--structure", default="unstructured", help="'unstructured', 'channel' or N:M such as 2:4 (default: %(default)s)")
@@ -90,11 +92,15 @@ def _layer_structures(values: list[str]) -> dict[str, str]:
 
 def _seeded_model(args: argparse.Namespace, dataset) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    return build_model(args.model, dataset.input_shape, dataset.num_classes).to(args.device)
+    vocabulary_size = None if dataset.vocabulary is None else len(dataset.vocabulary)
+    model = build_model(args.model, dataset.input_shape, dataset.num_classes, vocabulary_size=vocabulary_size)
+    if args.pretrained is not None:
+        load_pretrained(model, args.pretrained)
+    return model.to(args.device)
 
 
 def command_train(args: argparse.Namespace) -> int:
-    dataset = load_dataset(args.dataset, args.data_dir)
+    dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
     train_config, pruning_config = _configs(args, dataset.steps_per_epoch(args.batch_size))
     out = args.out or Path("runs") / f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,8 @@ class PruningConfig:
         module_types: which module classes hold prunable weights.
         on_incompatible: what to do with a layer that cannot hold its N:M pattern (input dimension not a
             multiple of M): "skip" it with a warning that names it, or raise an "error".
+        compile_kernels: run the soft mask of large tensors as `torch.compile`d kernels (falls back to
+            eager PyTorch by itself where compiling is impossible).
         schedule: warm-up and ramp.
     """
 
@@ -76,6 +78,7 @@ class PruningConfig:
     exclude: tuple[str, ...] = ()
     module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
     on_incompatible: str = "skip"
+    compile_kernels: bool = True
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:

@@ -9,14 +9,21 @@ root on the gradient path.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "pruned_count",
     "midpoint_threshold",
+    "order_statistics",
+    "band_order_statistics",
+    "midpoint",
     "temperature_for",
     "soft_mask",
+    "masked_weight",
+    "group_thresholds",
     "hard_keep_mask",
     "group_along_inputs",
     "ungroup_along_inputs",
@@ -48,6 +55,65 @@ def midpoint_threshold(squared_scores: Tensor, pruned: int) -> Tensor:
     return (largest_pruned + smallest_kept) / 2
 
 
+def order_statistics(squared_scores: Tensor, pruned: int) -> tuple[Tensor, Tensor]:
+    """The `pruned`-th and (`pruned`+1)-th smallest along the last dimension, with one selection.
+
+    Same values as sorting: a kth-value selection for the first, then the smallest score above it
+    (or the same value when it is tied with the next one); on CUDA, one sort. No host synchronization.
+
+    Returns:
+        Two (..., 1) tensors: the largest pruned and the smallest kept squared score.
+    """
+    values = squared_scores.detach()
+    if values.is_cuda:  # CUDA's kthvalue gives each row one thread block; a sort uses the whole GPU
+        ordered = values.sort(dim=-1).values
+        return ordered[..., pruned - 1 : pruned], ordered[..., pruned : pruned + 1]
+    largest_pruned = values.kthvalue(pruned, dim=-1, keepdim=True).values
+    above = torch.where(values > largest_pruned, values, torch.inf).amin(dim=-1, keepdim=True)
+    tied = (values <= largest_pruned).sum(dim=-1, keepdim=True) > pruned
+    return largest_pruned, torch.where(tied, largest_pruned, above)
+
+
+BAND_ROW = 64
+
+
+def _band_rows(rows: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass over (r, BAND_ROW) weights: count of squares below `low`; per row, how many squares lie
+    in [low, high] and the smallest of them (inf if none)."""
+    squares = rows * rows
+    inside = (squares >= low) & (squares <= high)
+    return (squares < low).sum(), inside.sum(dim=1), torch.where(inside, squares, torch.inf).amin(dim=1)
+
+
+def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float) -> tuple[Tensor, Tensor, int] | None:
+    """The same two order statistics of the squared weights (and the band's size) when both lie in
+    [low, high], else None.
+
+    Weights move little per training step, so a narrow band around the last threshold holds the new
+    one. One fused pass counts the squares below the band and finds, per row of 64 weights, how many
+    fall inside and the smallest; rows holding one band value give it directly, the few holding more
+    are gathered. Exact (the very values a sort would give), for about the cost of one pass.
+    """
+    flat = weight.detach().reshape(-1)
+    body = flat.numel() - flat.numel() % BAND_ROW
+    low_t, high_t = torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype)
+    below, counts, minimums = _BAND(flat[:body].view(-1, BAND_ROW), low_t, high_t)  # (), (r,), (r,)
+    crowded = (counts > 1).nonzero().squeeze(1)
+    crowded_squares = flat[:body].view(-1, BAND_ROW)[crowded].square().reshape(-1)
+    tail = flat[body:].square()
+    candidates = torch.cat([minimums[counts == 1], crowded_squares, tail])
+    band = candidates[(candidates >= low) & (candidates <= high)].sort().values
+    rank = pruned - int(below) - int((tail < low).sum())  # position of the largest pruned inside the band
+    if rank < 1 or rank + 1 > band.numel():
+        return None
+    return band[rank - 1 : rank], band[rank : rank + 1], band.numel()
+
+
+def midpoint(largest_pruned: Tensor, smallest_kept: Tensor) -> Tensor:
+    """The threshold t on the magnitude scale, halfway between two squared scores."""
+    return (largest_pruned.sqrt() + smallest_kept.sqrt()) / 2
+
+
 def temperature_for(threshold: Tensor, temperature: float, relative: bool) -> Tensor | float:
     """The tau of the soft mask: absolute as in the paper, or relative to t^2 so that one value suits
     layers of any weight scale. A zero threshold falls back to the smallest normal float, never 0."""
@@ -63,6 +129,90 @@ def soft_mask(squared_scores: Tensor, threshold: Tensor, temperature: Tensor | f
     `squared_scores`; `threshold` and `temperature` are constants of the step.
     """
     return torch.sigmoid((squared_scores - threshold.square()) / temperature)
+
+
+def _tau(threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor | float:
+    return (temperature * threshold_squared).clamp_min(torch.finfo(threshold_squared.dtype).tiny) if relative else temperature
+
+
+def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor:
+    return weight * torch.sigmoid((weight * weight - threshold_squared) / _tau(threshold_squared, temperature, relative))
+
+
+def _masked_weight_backward(grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor:
+    # m is recovered from the output (m = out / w): no exp, and nothing kept beyond the output that
+    # the layer keeps for its own backward anyway (and t^2: one number per threshold).
+    tau = _tau(threshold_squared, temperature, relative)
+    m = torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared / tau))
+    return grad * m * (1 + 2 * (weight * weight) / tau * (1 - m))
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """w * sigmoid((w^2 - t^2) / tau) with dw = m + (2 w^2 / tau) m (1 - m), in one pass each way."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, threshold_squared: Tensor, temperature: float, relative: bool, compiled: bool) -> Tensor:
+        output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, temperature, relative)
+        ctx.save_for_backward(weight, output, threshold_squared)
+        ctx.settings = (temperature, relative, compiled)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        weight, output, threshold_squared = ctx.saved_tensors
+        temperature, relative, compiled = ctx.settings
+        kernel = _BACKWARD if compiled else _masked_weight_backward
+        return kernel(grad.contiguous(), weight, output, threshold_squared, temperature, relative), None, None, None, None
+
+
+def masked_weight(weight: Tensor, threshold: Tensor, temperature: float, relative: bool, compiled: bool = False) -> Tensor:
+    """PDP's w * m(w), the values of `soft_mask` with `temperature_for`, fused: nothing but the output
+    (which the layer keeps anyway) and t^2 is kept for the backward.
+
+    Args:
+        weight: any shape; `threshold` broadcasts against it (a scalar, or (..., 1) per group).
+        compiled: run the two elementwise passes as `torch.compile` kernels (worth it on large tensors).
+    """
+    threshold_squared = threshold.detach().square().to(weight.dtype)
+    return _MaskedWeight.apply(weight, threshold_squared, float(temperature), bool(relative), compiled)
+
+
+def _group_thresholds(groups: Tensor, pruned: int) -> Tensor:
+    """t of every group of m (last dimension) through an odd-even transposition sorting network:
+    elementwise minimum/maximum only, so it vectorizes where a sort along a tiny dimension does not."""
+    columns = [groups[..., i] * groups[..., i] for i in range(groups.shape[-1])]
+    for round_ in range(len(columns)):
+        for i in range(round_ % 2, len(columns) - 1, 2):
+            columns[i], columns[i + 1] = torch.minimum(columns[i], columns[i + 1]), torch.maximum(columns[i], columns[i + 1])
+    return ((columns[pruned - 1].sqrt() + columns[pruned].sqrt()) / 2).unsqueeze(-1)  # (..., 1)
+
+
+def group_thresholds(groups: Tensor, pruned: int, compiled: bool = False) -> Tensor:
+    """`midpoint_threshold` of every group of m (last dimension), without sorting. (..., m) -> (..., 1)."""
+    return (_GROUPS if compiled else _group_thresholds)(groups.detach(), pruned)
+
+
+class _Kernel:
+    """A `torch.compile`d elementwise kernel that falls back, once and for good, to eager PyTorch when
+    compiling is not possible here (no C++ compiler, an unsupported backend)."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self.compiled = None
+
+    def __call__(self, *args: Tensor):
+        if self.compiled is None:
+            try:
+                self.compiled = torch.compile(self.function, dynamic=False)  # one specialization per shape: faster
+                return self.compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+                warnings.warn(f"torch.compile unavailable ({type(error).__name__}); PDP runs its kernels eagerly", stacklevel=2)
+                self.compiled = self.function
+        return self.compiled(*args)
+
+
+_FORWARD, _BACKWARD, _BAND = _Kernel(_masked_weight_forward), _Kernel(_masked_weight_backward), _Kernel(_band_rows)
+_GROUPS = _Kernel(_group_thresholds)
 
 
 def hard_keep_mask(squared_scores: Tensor, pruned: int) -> Tensor:

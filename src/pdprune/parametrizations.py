@@ -13,14 +13,24 @@ import torch
 from torch import Tensor, nn
 
 from pdprune.masks import (
+    band_order_statistics,
     group_along_inputs,
+    group_thresholds,
     hard_keep_mask,
+    masked_weight,
+    midpoint,
     midpoint_threshold,
+    order_statistics,
     pruned_count,
     soft_mask,
     temperature_for,
     ungroup_along_inputs,
 )
+
+COMPILE_FROM = 1 << 18
+"""On a CPU, tensors of at least this many elements run PDP's elementwise passes as compiled kernels."""
+BAND_FROM = 1 << 16
+"""On a CPU, tensors of at least this many elements find their threshold in a band around the last one."""
 
 __all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask"]
 
@@ -62,13 +72,18 @@ class MaskState(nn.Module):
 class SoftMask(MaskState):
     """Base of the per-tensor masks: a parametrization w -> w * m(w) at the current `sparsity`.
 
-    Subclasses say how scores are grouped (`soft_mask`) and which weights a hard cut keeps (`keep_mask`).
+    Subclasses say how scores are grouped (`soft_mask`, the straightforward form, also used by
+    `finalize`) and which weights a hard cut keeps (`keep_mask`); `forward` is the fast path.
     """
 
-    def forward(self, weight: Tensor) -> Tensor:
-        if self.sparsity == 0.0:
-            return weight
-        return weight * self.soft_mask(weight, self.sparsity)
+    def __init__(self, temperature: float, relative_temperature: bool, compile_kernels: bool = True) -> None:
+        super().__init__(temperature, relative_temperature)
+        self.compile_kernels = compile_kernels
+
+    def _compiled(self, weight: Tensor) -> bool:
+        # On a CPU the fused kernels halve PDP's memory traffic; on CUDA these passes are launch-bound
+        # and a compiled call's guards cost more than they save (benchmarks/results/step_overhead_cuda.md).
+        return self.compile_kernels and weight.device.type == "cpu" and weight.numel() >= COMPILE_FROM
 
     def soft_mask(self, weight: Tensor, sparsity: float) -> Tensor:
         """The soft mask m(w) of `weight` pruned at `sparsity` (same shape as `weight`)."""
@@ -88,6 +103,40 @@ class UnstructuredMask(SoftMask):
 
     structure = "unstructured"
 
+    def __init__(self, temperature: float, relative_temperature: bool, compile_kernels: bool = True) -> None:
+        super().__init__(temperature, relative_temperature, compile_kernels)
+        self._band: tuple[float, float] | None = None  # squared-score bracket of the last threshold
+        self._band_width = 4e-3
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.sparsity == 0.0:
+            return weight
+        pruned = pruned_count(self.sparsity, weight.numel())
+        if pruned == 0:
+            return weight
+        if pruned >= weight.numel():
+            return weight * 0
+        threshold = self.threshold(weight, pruned)
+        return masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight))
+
+    def threshold(self, weight: Tensor, pruned: int) -> Tensor:
+        """t (a one-element tensor), from a band around the last threshold when possible, else one selection."""
+        stats = None
+        if self._band is not None and weight.device.type == "cpu" and weight.numel() >= BAND_FROM:
+            stats = band_order_statistics(weight, pruned, *self._band)
+            if stats is None:
+                self._band_width *= 4
+            elif stats[2] > 4096:
+                self._band_width /= 2
+            elif stats[2] < 256:
+                self._band_width *= 1.5
+        if stats is None:
+            stats = order_statistics(weight.detach().reshape(1, -1).square(), pruned)
+        largest_pruned, smallest_kept = stats[0].reshape(()), stats[1].reshape(())
+        if weight.device.type == "cpu" and weight.numel() >= BAND_FROM:
+            self._band = (float(largest_pruned) * (1 - self._band_width), float(smallest_kept) * (1 + self._band_width))
+        return midpoint(largest_pruned, smallest_kept)
+
     def soft_mask(self, weight: Tensor, sparsity: float) -> Tensor:
         flat = weight.square().reshape(1, -1)  # (1, n): the whole tensor is one row
         return self._mask_rows(flat, pruned_count(sparsity, flat.shape[-1])).view_as(weight)
@@ -104,9 +153,21 @@ class NMMask(SoftMask):
     prunes round(s * m) weights, so the pattern tightens in whole steps (for 2:4: 0, then 1, then 2).
     """
 
-    def __init__(self, n: int, m: int, temperature: float, relative_temperature: bool) -> None:
-        super().__init__(temperature, relative_temperature)
+    def __init__(self, n: int, m: int, temperature: float, relative_temperature: bool, compile_kernels: bool = True) -> None:
+        super().__init__(temperature, relative_temperature, compile_kernels)
         self.n, self.m = n, m
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.sparsity == 0.0:
+            return weight
+        pruned = pruned_count(self.sparsity, self.m)
+        if pruned == 0:
+            return weight
+        groups = group_along_inputs(weight, self.m)  # (out, *kernel, in // m, m)
+        compiled = self._compiled(weight)
+        threshold = group_thresholds(groups, pruned, compiled)  # (out, *kernel, in // m, 1)
+        masked = masked_weight(groups, threshold, self.temperature, self.relative_temperature, compiled)
+        return ungroup_along_inputs(masked, weight.shape)
 
     @property
     def structure(self) -> str:  # type: ignore[override]

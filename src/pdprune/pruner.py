@@ -314,7 +314,7 @@ def _build_units(
             continue
         tensor_name = f"{name}.weight"
         if structure == "unstructured":
-            mask: SoftMask = UnstructuredMask(config.temperature, relative)
+            mask: SoftMask = UnstructuredMask(config.temperature, relative, config.compile_kernels)
         else:
             n, m = structure
             if module.weight.dim() < 2 or module.weight.shape[1] % m:
@@ -324,7 +324,7 @@ def _build_units(
                     raise ValueError(f"{problem}; exclude it, e.g. exclude=({name!r},), or pass on_incompatible='skip'")
                 skipped[tensor_name] = problem
                 continue
-            mask = NMMask(n, m, config.temperature, relative)
+            mask = NMMask(n, m, config.temperature, relative, config.compile_kernels)
         units[tensor_name] = mask
         registrations.append((tensor_name, module, "weight", mask))
     if skipped:
@@ -340,15 +340,20 @@ def _build_units(
             warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=3)
             skipped |= {f"channel group {name}": why for name, why in dense_groups.items()}
         for spec in specs:
-            producers = [(model.get_submodule(p), torch.tensor(spec.members[p])) for p in spec.producers]
+            producers = [(model.get_submodule(p), _indices(spec.members[p], model.get_submodule(p))) for p in spec.producers]
             group = ChannelGroup(spec.name, spec.size, producers, config.temperature, relative)
             units[spec.name] = group
             for member, indices in spec.members.items():
                 module = model.get_submodule(member)
                 for tensor_name in ("weight", "bias"):
                     if getattr(module, tensor_name, None) is not None:
-                        registrations.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, torch.tensor(indices))))
+                        registrations.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, _indices(indices, module))))
     return units, registrations, skipped
+
+
+def _indices(channels: list[int], module: nn.Module) -> Tensor:
+    """Channel indices on the device of the module they index (the model may already be on a GPU)."""
+    return torch.tensor(channels, dtype=torch.long, device=module.weight.device)
 
 
 def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, str]]:

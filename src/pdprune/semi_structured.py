@@ -19,8 +19,11 @@ __all__ = ["to_semi_structured"]
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def to_semi_structured(model: nn.Module) -> nn.Module:
+def to_semi_structured(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace the weight of every 2:4-sparse Linear layer by a semi-structured sparse tensor, in place.
+
+    Args:
+        backend: "cusparselt", "cutlass", or "auto" (cuSPARSELt where PyTorch has it, else CUTLASS).
 
     Raises:
         ValueError: no Linear layer is 2:4 sparse, or the model is not on CUDA in float16/bfloat16.
@@ -36,8 +39,18 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
         )
     if torch.cuda.get_device_capability() < (8, 0):
         raise RuntimeError(f"semi-structured sparse kernels need compute capability 8.0+, this GPU has {torch.cuda.get_device_capability()}")
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
+    if backend not in ("auto", "cusparselt", "cutlass"):
+        raise ValueError(f"backend must be 'auto', 'cusparselt' or 'cutlass', got {backend!r}")
+    capability = torch.cuda.get_device_capability()
+    if backend == "auto":
+        backend = "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+        raise RuntimeError("this PyTorch build has no cuSPARSELt; pass backend='cutlass' (compute capability 8.x only)")
+    if backend == "cutlass" and capability[0] != 8:
+        raise RuntimeError(f"CUTLASS 2:4 kernels run on compute capability 8.x only, this GPU has {capability}; use backend='cusparselt'")
+    sparse_type = SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt" else SparseSemiStructuredTensorCUTLASS
     for name, module in candidates.items():
         weight = module.weight
         if weight.device.type != "cuda" or weight.dtype not in SUPPORTED_DTYPES:
@@ -49,5 +62,5 @@ def to_semi_structured(model: nn.Module) -> nn.Module:
         if rows % 64 or columns % 64:
             warnings.warn(f"{name}.weight {tuple(weight.shape)} left dense: sparse kernels need both sides multiples of 64", stacklevel=2)
             continue
-        module.weight = nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False)
+        module.weight = nn.Parameter(sparse_type.from_dense(weight.detach()), requires_grad=False)
     return model

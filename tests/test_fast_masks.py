@@ -1,0 +1,150 @@
+"""The fast paths against the straightforward oracle (sort-based thresholds, autograd soft mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pdprune import PDPPruner, PruningConfig, ScheduleConfig
+from pdprune.masks import band_order_statistics, masked_weight, midpoint_threshold, order_statistics, soft_mask, temperature_for
+from pdprune.parametrizations import BAND_FROM, NMMask, UnstructuredMask
+
+
+def _sorted_pair(values: torch.Tensor, pruned: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered = values.sort(dim=-1).values
+    return ordered[..., pruned - 1 : pruned], ordered[..., pruned : pruned + 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), numel=st.integers(2, 300), data=st.data())
+def test_order_statistics_equal_the_sort_even_with_ties(rows, numel, data):
+    pruned = data.draw(st.integers(1, numel - 1))
+    distinct = data.draw(st.sampled_from([3, 1000]))
+    values = torch.randint(0, distinct, (rows, numel), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999)))).float()
+    for fast, expected in zip(order_statistics(values, pruned), _sorted_pair(values, pruned)):
+        assert torch.equal(fast, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(65, 5000), sparsity=st.floats(0.05, 0.95), width=st.floats(1e-3, 0.5), seed=st.integers(0, 999))
+def test_band_order_statistics_are_exact_or_say_they_missed(numel, sparsity, width, seed):
+    weight = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    weight[::7] = weight[3]  # ties
+    squares = weight.square()
+    pruned = max(1, min(numel - 1, round(sparsity * numel)))
+    a, b = _sorted_pair(squares, pruned)
+    centre = float((a + b) / 2) * (1 + (seed % 5 - 2) * width / 3)  # sometimes off-centre: may miss
+    result = band_order_statistics(weight, pruned, centre * (1 - width), centre * (1 + width))
+    inside = centre * (1 - width) <= float(a) and float(b) <= centre * (1 + width)
+    if not inside:
+        assert result is None
+    else:
+        assert result is not None
+        assert torch.equal(result[0], a) and torch.equal(result[1], b)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("relative", [True, False])
+def test_masked_weight_matches_the_autograd_reference_values_and_gradients(compiled, relative):
+    weight = torch.randn(64, 33, dtype=torch.float64) * 0.1
+    weight[0, :3] = 0.0
+    t = midpoint_threshold(weight.square().reshape(1, -1), 1500).reshape(())
+    tau = temperature_for(t, 0.05 if relative else 1e-3, relative)
+    fast_w = weight.clone().requires_grad_()
+    reference_w = weight.clone().requires_grad_()
+    fast = masked_weight(fast_w, t, 0.05 if relative else 1e-3, relative, compiled=compiled)
+    reference = reference_w * soft_mask(reference_w.square(), t, tau)
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-15)
+    upstream = torch.randn_like(weight)
+    fast.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_grouped_thresholds_broadcast_in_the_fused_function():
+    groups = torch.randn(10, 5, 4, dtype=torch.float64, requires_grad=True)
+    t = midpoint_threshold(groups.detach().square(), 2)
+    tau = temperature_for(t, 0.05, True)
+    fast = masked_weight(groups, t, 0.05, True)
+    torch.testing.assert_close(fast, groups * soft_mask(groups.square(), t, tau))
+    assert torch.autograd.gradcheck(lambda w: masked_weight(w, t, 0.05, True), (groups,))
+
+
+def _reference_forward(mask, weight):
+    """The straightforward PDP forward: sort-based threshold, autograd soft mask."""
+    return weight * mask.soft_mask(weight, mask.sparsity)
+
+
+@pytest.mark.parametrize("shape,structure", [((300, 256), "unstructured"), ((40, 30), "unstructured"), ((16, 32, 3, 3), "2:4"), ((64, 96), "1:4")])
+def test_every_training_step_uses_the_reference_threshold_and_mask(shape, structure):
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], 3)
+    model = nn.Sequential(layer)
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.9, structure=structure, schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=3, steps_per_epoch=4)))
+    mask = layer.parametrizations.weight[0]
+    assert isinstance(mask, UnstructuredMask if structure == "unstructured" else NMMask)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    inputs = torch.randn(8, shape[1]) if len(shape) == 2 else torch.randn(8, shape[1], 6, 6)
+    for _ in range(16):
+        original = layer.parametrizations.weight.original
+        torch.testing.assert_close(layer.weight, _reference_forward(mask, original), rtol=1e-5, atol=1e-7)
+        model(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    if structure == "unstructured" and layer.weight.numel() >= BAND_FROM:
+        assert mask._band is not None, "the band path ran"
+
+
+def test_the_band_path_follows_moving_weights_exactly():
+    weight = torch.randn(400, 400)
+    mask = UnstructuredMask(0.05, True)
+    mask.sparsity = 0.9
+    generator = torch.Generator().manual_seed(0)
+    misses = 0
+    for step in range(30):
+        pruned = round(0.9 * weight.numel())
+        band = mask._band
+        threshold = mask.threshold(weight, pruned)
+        expected = midpoint_threshold(weight.square().reshape(1, -1), pruned).reshape(())
+        assert torch.equal(threshold, expected)
+        misses += band is not None and band_order_statistics(weight, pruned, *band) is None
+        weight = weight + 0.01 * torch.randn(weight.shape, generator=generator) * (10 if step == 15 else 1)
+    assert misses <= 3
+
+
+def test_the_fused_function_saves_no_more_than_the_weight_and_its_output():
+    weight = torch.randn(256, 256, requires_grad=True)
+    t = midpoint_threshold(weight.detach().square().reshape(1, -1), 50_000).reshape(())
+    tau = temperature_for(t, 0.05, True)
+
+    def saved_bytes(function) -> int:
+        sizes = []
+
+        def pack(tensor):
+            sizes.append(tensor.numel() * tensor.element_size() if tensor.data_ptr() != weight.data_ptr() else 0)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            function()
+        return sum(sizes)
+
+    fast = saved_bytes(lambda: masked_weight(weight, t, 0.05, True))
+    reference = saved_bytes(lambda: weight * soft_mask(weight.square(), t, tau))
+    assert fast <= weight.numel() * 4 + 64, "only the output (which the layer keeps anyway) and scalars"
+    assert reference >= 2 * weight.numel() * 4
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("m,pruned", [(4, 2), (4, 3), (8, 4), (8, 1), (16, 12)])
+def test_group_thresholds_equal_the_sort_even_with_ties(compiled, m, pruned):
+    from pdprune.masks import group_thresholds
+
+    groups = torch.randn(30, 7, m, dtype=torch.float64) * 0.1
+    groups[0, 0] = 0.25  # a group of ties
+    groups[1, 1, :2] = 0.0
+    groups[2, 2, ::2] = -groups[2, 2, 1::2]  # ties in magnitude, opposite signs
+    assert torch.equal(group_thresholds(groups, pruned, compiled), midpoint_threshold(groups.square(), pruned))
