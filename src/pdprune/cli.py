@@ -15,9 +15,11 @@ from pdprune._version import __version__
 from pdprune.checkpoint import save_checkpoint
 from pdprune.data import DATASETS, load_dataset
 from pdprune.experiments import load_grid, run_grid, summarize
+from pdprune.export import export_onnx, read_state_dict, save_sparse
 from pdprune.models import MODELS, build_model, load_pretrained
 from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig
 from pdprune.pruner import PDPPruner
+from pdprune.report import plot_sparsity, state_dict_sparsity
 from pdprune.schedule import ALLOCATIONS, ScheduleConfig
 from pdprune.structure import compact, count_macs_and_parameters, save_compacted
 from pdprune.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, train
@@ -114,7 +116,8 @@ def command_train(args: argparse.Namespace) -> int:
     pruned = train(model, dataset, train_config, pruner, progress=not args.quiet, description="PDP")
     report = pruner.report()
 
-    about = {"model_name": args.model, "dataset": args.dataset, "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes}
+    about = {"model_name": args.model, "dataset": args.dataset, "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+             "vocabulary_size": None if dataset.vocabulary is None else len(dataset.vocabulary)}
     save_checkpoint(out / "model.pt", {"model": model.state_dict(), **about})
     compaction = None
     if report.groups:
@@ -156,6 +159,37 @@ def command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    weights, metadata = read_state_dict(args.model)
+    report = state_dict_sparsity(weights)
+    if not report.layers:
+        raise ValueError(f"{args.model} holds no weight matrix or filter bank to report on")
+    print(report.table())
+    plot = args.plot or Path(args.model).with_suffix(".sparsity.png")
+    try:
+        plot_sparsity(report, weights, plot, title=str(Path(args.model).name))
+        print(f"plot: {plot}")
+    except ImportError:
+        print("(no plot: pip install matplotlib)")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    weights, metadata = read_state_dict(args.model)
+    if args.format == "sparse":
+        save_sparse(args.out, weights, **metadata)
+    else:
+        if "model_name" not in metadata:
+            raise ValueError(f"ONNX export needs the architecture: {args.model} was not written by `pdprune train` (no model_name)")
+        model = build_model(metadata["model_name"], tuple(metadata["input_shape"]), metadata["num_classes"], vocabulary_size=metadata.get("vocabulary_size"))
+        model.load_state_dict(weights)
+        example = torch.zeros(1, *metadata["input_shape"], dtype=torch.long if metadata["model_name"] == "transformer" else torch.float32)
+        export_onnx(model, example, args.out)
+    before, after = Path(args.model).stat().st_size, Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {after:,} bytes ({100 * after / before:.1f}% of {args.model}'s {before:,})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdprune", description="Parameter-free Differentiable Pruning for PyTorch models.")
     parser.add_argument("--version", action="version", version=f"pdprune {__version__}")
@@ -170,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--only", default=None, metavar="TEXT", help="run only the runs whose key contains TEXT")
     bench_parser.add_argument("--quiet", action="store_true", help="no progress bars")
     bench_parser.set_defaults(handler=command_bench)
+    report_parser = commands.add_parser("report", help="per-layer sparsity table and plot of any saved model")
+    report_parser.add_argument("model", type=Path, help="a model file: pdprune's model.pt or sparse file, or a torch state_dict")
+    report_parser.add_argument("--plot", type=Path, default=None, help="where to write the plot (default: next to MODEL, .sparsity.png)")
+    report_parser.set_defaults(handler=command_report)
+    export_parser = commands.add_parser("export", help="write a model compressed (sparse bitmask + values) or as ONNX")
+    export_parser.add_argument("model", type=Path, help="a model file, e.g. the model.pt that `pdprune train` wrote")
+    export_parser.add_argument("out", type=Path, help="the file to write")
+    export_parser.add_argument("--format", default="sparse", choices=("sparse", "onnx"), help="default: %(default)s")
+    export_parser.set_defaults(handler=command_export)
     return parser
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from pdprune.config import PRUNABLE_MODULE_TYPES
 
-__all__ = ["LayerSparsity", "GroupSparsity", "SparsityReport", "model_sparsity"]
+__all__ = ["LayerSparsity", "GroupSparsity", "SparsityReport", "model_sparsity", "state_dict_sparsity", "plot_sparsity"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,46 @@ def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = ("Linear", 
             name = f"{module_name}.weight" if module_name else "weight"
             layers.append(LayerSparsity(name, "-", weight.numel(), int((weight == 0).sum())))
     return SparsityReport(tuple(layers))
+
+
+def state_dict_sparsity(state_dict: dict) -> SparsityReport:
+    """Exact zeros of every weight matrix or filter bank (`*.weight` with 2+ dimensions) of a state_dict."""
+    layers = [
+        LayerSparsity(name, "-", tensor.numel(), int((tensor == 0).sum()))
+        for name, tensor in state_dict.items()
+        if name.endswith("weight") and getattr(tensor, "dim", lambda: 0)() >= 2
+    ]
+    return SparsityReport(tuple(layers))
+
+
+def plot_sparsity(report: SparsityReport, weights: dict, path, title: str = "") -> None:
+    """Two panels: sparsity per tensor, and the histogram of the kept weights' magnitudes (log scale)
+    with the smallest kept magnitude of the model marked (where the hard threshold fell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    figure, (bars, histogram) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.22 * len(report.layers))), gridspec_kw={"width_ratios": [1.2, 1]})
+    names = [layer.name for layer in report.layers]
+    bars.barh(range(len(names)), [100 * layer.sparsity for layer in report.layers], color="tab:blue")
+    bars.set_yticks(range(len(names)), names, fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 100)
+    bars.set_xlabel("zeros (%)")
+    bars.set_title(f"sparsity per tensor (total {100 * report.sparsity:.2f}%)", fontsize=9)
+    kept = torch.cat([weights[name].detach().abs().flatten().float() for name in names])
+    kept = kept[kept > 0]
+    if kept.numel():
+        histogram.hist(kept.log10().numpy(), bins=100, color="tab:gray")
+        histogram.axvline(float(kept.min().log10()), color="tab:red", linestyle="--", label=f"smallest kept |w| = {float(kept.min()):.2e}")
+        histogram.legend(fontsize=8)
+    histogram.set_xlabel("log10 |w| of the kept weights")
+    histogram.set_ylabel("count")
+    histogram.set_title("weight magnitudes", fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

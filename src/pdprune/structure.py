@@ -32,7 +32,7 @@ def _torch_pruning():
     try:
         import torch_pruning
     except ImportError as error:
-        raise ImportError("channel pruning uses Torch-Pruning's dependency graph: pip install 'pdprune[channels]'") from error
+        raise ImportError("channel pruning uses Torch-Pruning's dependency graph: pip install torch-pruning") from error
     return torch_pruning
 
 
