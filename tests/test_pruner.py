@@ -120,7 +120,8 @@ def test_resume_mid_training_is_bit_exact(tiny_convnet, tmp_path):
 def test_model_state_dict_alone_carries_the_current_sparsity(tiny_convnet):
     pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
     state = tiny_convnet.state_dict()
-    assert state["fc.parametrizations.weight.0._extra_state"]["sparsity"] == pruner.current_sparsity("fc.weight")
+    assert float(state["fc.parametrizations.weight.0.current_sparsity"]) == pruner.current_sparsity("fc.weight")
+    assert all(isinstance(value, torch.Tensor) for value in state.values()), "tensors only: safetensors can save it"
     from tests.conftest import TinyConvNet
 
     other = TinyConvNet()
@@ -262,3 +263,17 @@ def test_nm_on_an_incompatible_layer_is_refused_and_nothing_attached(tiny_convne
     with pytest.raises(ValueError, match=r"2:4 needs the input dimension of 'conv1.weight' \(shape \(8, 3, 3, 3\)\) to be a multiple of 4; exclude it"):
         PDPPruner(tiny_convnet, PruningConfig(structure="2:4", on_incompatible="error"))
     assert not any(parametrize.is_parametrized(m) for m in tiny_convnet.modules())
+
+
+def test_finalized_state_dict_is_what_finalize_leaves_without_touching_the_model(tiny_convnet):
+    from tests.conftest import TinyConvNet
+
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.7, schedule=IMMEDIATE))
+    _train_steps(tiny_convnet, pruner, torch.optim.SGD(tiny_convnet.parameters(), lr=0.05), 3)
+    state = pruner.finalized_state_dict()
+    assert parametrize.is_parametrized(tiny_convnet.conv1), "the model is untouched"
+    plain = TinyConvNet()
+    plain.load_state_dict(state)
+    pruner.finalize()
+    for key, value in tiny_convnet.state_dict().items():
+        assert torch.equal(state[key], value), key

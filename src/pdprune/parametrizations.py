@@ -1,13 +1,11 @@
 """Soft masks as `torch.nn.utils.parametrize` parametrizations: the model computes with w * m(w).
 
-Each mask keeps what its forward pass needs (current sparsity, temperature) in the model itself,
-through `get_extra_state`, so `model.state_dict()` alone restores a pruned model mid-training. The
-pruner only decides *which* sparsity each mask has at each step.
+Each mask keeps its current sparsity in a buffer of the model, so `model.state_dict()` alone restores
+a pruned model mid-training (given a pruner created with the same config). The pruner only decides
+*which* sparsity each mask has at each step.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,15 +34,34 @@ __all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup"
 
 
 class MaskState(nn.Module):
-    """The state of one pruning unit (a tensor, or a group of coupled channels), saved with the model."""
+    """The state of one pruning unit (a tensor, or a group of coupled channels), saved with the model.
+
+    The current sparsity lives in a buffer, so `model.state_dict()` (tensors only: safetensors and
+    Hugging Face checkpoints take it) restores it; a Python float mirrors it, so that the forward pass
+    never waits for the GPU to read it back.
+    """
 
     structure = "?"
 
     def __init__(self, temperature: float, relative_temperature: bool) -> None:
         super().__init__()
-        self.sparsity = 0.0
+        self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64))
+        self._sparsity = 0.0
         self.temperature = temperature
         self.relative_temperature = relative_temperature
+
+    @property
+    def sparsity(self) -> float:
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        self._sparsity = float(value)
+        self.current_sparsity.fill_(self._sparsity)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sparsity = float(self.current_sparsity)
 
     def _mask_rows(self, squared_scores: Tensor, pruned: int) -> Tensor:
         """Soft mask along the last dimension of `squared_scores`, with `pruned` of each row below t."""
@@ -55,14 +72,6 @@ class MaskState(nn.Module):
         threshold = midpoint_threshold(squared_scores, pruned)
         tau = temperature_for(threshold, self.temperature, self.relative_temperature)
         return soft_mask(squared_scores, threshold, tau)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "temperature": self.temperature, "relative_temperature": self.relative_temperature}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.sparsity = float(state["sparsity"])
-        self.temperature = float(state["temperature"])
-        self.relative_temperature = bool(state["relative_temperature"])
 
     def extra_repr(self) -> str:
         mode = "relative" if self.relative_temperature else "absolute"
@@ -181,13 +190,6 @@ class NMMask(SoftMask):
     def keep_mask(self, weight: Tensor, sparsity: float) -> Tensor:
         groups = group_along_inputs(weight.detach().square(), self.m)  # (out, *kernel, in // m, m)
         return ungroup_along_inputs(hard_keep_mask(groups, pruned_count(sparsity, self.m)), weight.shape)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "n": self.n, "m": self.m}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        self.n, self.m = int(state["n"]), int(state["m"])
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m}, " + super().extra_repr()

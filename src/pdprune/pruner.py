@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -102,6 +103,10 @@ class PDPPruner:
             budgets |= global_budgets({name: w.detach().square() for name, w in free.items()}, self.config.sparsity)
         else:
             budgets |= uniform_budgets({name: w.numel() for name, w in free.items()}, self.config.sparsity)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            shared = [budgets]  # computed once, on rank 0, so that every rank prunes the same weights
+            torch.distributed.broadcast_object_list(shared, src=0)
+            budgets = shared[0]
         emptied = [name for name, budget in budgets.items() if budget >= 1.0]
         if emptied:
             warnings.warn(
@@ -116,16 +121,50 @@ class PDPPruner:
 
         Kept weights keep the value the network trained with, w * m(w); pruned ones become exactly 0.
         Returns the model, now an ordinary `nn.Module` whose `state_dict` loads into the unpruned class.
+
+        Raises:
+            RuntimeError: the model is sharded with FSDP2 (use `finalized_state_dict()` instead).
         """
         self._check_attached("finalize()")
+        if any(type(module).__name__.startswith("FSDP") for module, _ in self._tensors.values()):
+            raise RuntimeError(
+                "finalize() cannot remove parametrizations from FSDP2-sharded modules; call finalized_state_dict() "
+                "on every rank and load the result into the plain architecture"
+            )
+        baked = self._baked()
+        for name, (module, tensor_name) in self._tensors.items():
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+            with torch.no_grad():
+                getattr(module, tensor_name).copy_(baked[name])
+        self.finalized = True
+        return self.model
+
+    def finalized_state_dict(self) -> dict[str, Tensor]:
+        """The `state_dict` that `finalize()` would leave (plain keys, hard masks baked in, whole tensors),
+        without touching the model: training can go on. Under FSDP2 every rank must call it."""
+        self._check_attached("finalized_state_dict()")
+        baked = self._baked()
+        holders = {f"{prefix}{'.' if prefix else ''}parametrizations.{tensor_name}.original": name
+                   for name, (module, tensor_name) in self._tensors.items()
+                   for prefix in [name[: -len(tensor_name) - 1] if name.endswith("." + tensor_name) else ""]}
+        state = {}
+        for key, value in self.model.state_dict().items():
+            if key in holders:
+                state[holders[key]] = baked[holders[key]]
+            elif ".parametrizations." not in key and not key.startswith("parametrizations."):
+                state[key] = (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+        return state
+
+    def _baked(self) -> dict[str, Tensor]:
+        """Tensor name -> its finalized value (whole tensors), computed from the current weights."""
         if self.budgets is None:
-            warnings.warn("finalize() during warm-up: the whole budget is pruned at once, untrained", stacklevel=2)
+            warnings.warn("finalize() during warm-up: the whole budget is pruned at once, untrained", stacklevel=3)
             self.budgets = self._allocate()
         elif self.schedule.ramp_fraction < 1.0:
             warnings.warn(
                 f"finalize() at {100 * self.schedule.ramp_fraction:.0f}% of the ramp: the hard mask prunes the rest "
                 "at once. Train longer or set ScheduleConfig(ramp_end_epoch=...) before the last epoch",
-                stacklevel=2,
+                stacklevel=3,
             )
         originals = self._originals()
         _check_finite(originals)
@@ -138,12 +177,7 @@ class PDPPruner:
                     unit = mask.group if isinstance(mask, ChannelMask) else mask
                     value = mask.finalized(value, self.budgets[unit_names[id(unit)]])
                 baked[name] = value
-        for name, (module, tensor_name) in self._tensors.items():
-            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-            with torch.no_grad():
-                getattr(module, tensor_name).copy_(baked[name])
-        self.finalized = True
-        return self.model
+        return baked
 
     def detach(self) -> nn.Module:
         """Remove the soft masks and restore the dense weights, as if the pruner had never been attached."""
@@ -215,8 +249,11 @@ class PDPPruner:
                 f"tensors missing here {missing[:5]}, tensors not in the state {extra[:5]}, "
                 f"different shapes {reshaped[:5]}. Load it into the same architecture and config"
             )
-        if state["config"] != self.config.to_dict():
-            changed = sorted(key for key, value in self.config.to_dict().items() if state["config"].get(key) != value)
+        saved_config, our_config = _plain(state["config"]), _plain(self.config.to_dict())
+        saved_steps = saved_config["schedule"].pop("steps_per_epoch")
+        our_steps = our_config["schedule"].pop("steps_per_epoch")
+        if saved_config != our_config:
+            changed = sorted(key for key, value in our_config.items() if saved_config.get(key) != value)
             raise ValueError(
                 f"the pruner state was saved with a different config (fields {changed} differ); "
                 "create the pruner with PruningConfig.from_dict(state['config'])"
@@ -227,14 +264,29 @@ class PDPPruner:
                 "plain architecture instead of resuming the pruner"
             )
         self.schedule.load_state_dict(state["schedule"])
+        if saved_steps != our_steps:  # another batch size or world size: keep the position in epochs
+            self.schedule.steps_done = round(self.schedule.steps_done / saved_steps * our_steps)
         self.budgets = None if state["budgets"] is None else {name: float(state["budgets"][name]) for name in self.units}
+        self._update_sparsities()
+
+    def reschedule(self, steps_per_epoch: int) -> None:
+        """Count `steps_per_epoch` steps per epoch from now on, keeping the schedule's position in epochs
+        (for when the number of optimizer steps per epoch is only known once training starts)."""
+        self._check_attached("reschedule()")
+        schedule = replace(self.config.schedule, steps_per_epoch=steps_per_epoch)
+        self.schedule.steps_done = round(self.schedule.epoch * steps_per_epoch)
+        self.config = replace(self.config, schedule=schedule)
+        self.schedule.config = schedule
         self._update_sparsities()
 
     # --- helpers -----------------------------------------------------------------------------------
 
     def _original(self, name: str) -> Tensor:
+        """The dense weight, whole: under FSDP2 a sharded DTensor is gathered (every rank calls this at
+        the same step), so that budgets and hard masks select over the full tensor, not a shard."""
         module, tensor_name = self._tensors[name]
-        return module.parametrizations[tensor_name].original
+        original = module.parametrizations[tensor_name].original
+        return original.full_tensor() if hasattr(original, "full_tensor") else original
 
     def _originals(self) -> dict[str, Tensor]:
         return {name: self._original(name) for name in self._tensors}
@@ -307,9 +359,16 @@ def _build_units(
     registrations: list[Registration] = []
     skipped: dict[str, str] = {}
     channel_modules = set()
+    ties = _tied_weights(model)
+    masked_weights: set[int] = set()
     for name, module in selected.items():
         structure = parse_structure(config.structure_of(name))
+        if id(module.weight) in masked_weights:
+            continue  # tied to a weight masked already: one mask serves every module that shares it
         if structure == "channel":
+            if len(ties.get(id(module.weight), ())) > 1:
+                raise ValueError(f"{name!r} shares its weight with {[n for n, _ in ties[id(module.weight)] if n != name]}; "
+                                 "tied weights cannot be channel-pruned: exclude them or use an unstructured or N:M structure")
             channel_modules.add(name)
             continue
         tensor_name = f"{name}.weight"
@@ -326,7 +385,9 @@ def _build_units(
                 continue
             mask = NMMask(n, m, config.temperature, relative, config.compile_kernels)
         units[tensor_name] = mask
-        registrations.append((tensor_name, module, "weight", mask))
+        masked_weights.add(id(module.weight))
+        for holder_name, holder in ties.get(id(module.weight), [(name, module)]):
+            registrations.append((f"{holder_name}.weight", holder, "weight", mask))
     if skipped:
         warnings.warn(f"left dense, cannot hold their N:M pattern: {sorted(skipped)}", stacklevel=3)
     if channel_modules:
@@ -351,6 +412,16 @@ def _build_units(
     return units, registrations, skipped
 
 
+def _tied_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(weight) -> every (module name, module) holding that very Parameter as its `weight`."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if isinstance(weight, nn.Parameter):
+            holders.setdefault(id(weight), []).append((name, module))
+    return holders
+
+
 def _indices(channels: list[int], module: nn.Module) -> Tensor:
     """Channel indices on the device of the module they index (the model may already be on a GPU)."""
     return torch.tensor(channels, dtype=torch.long, device=module.weight.device)
@@ -369,6 +440,15 @@ def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, s
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         raise
     return {name: (module, tensor_name) for name, module, tensor_name, _ in registrations}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: a config compares equal after a trip through JSON."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _check_finite(tensors: Mapping[str, Tensor]) -> None:

@@ -1,0 +1,164 @@
+"""DDP on CPU with gloo (2 processes): same masks on every rank at every step, the same result as one
+process on the same global batch, checkpoints from rank 0 that resume at another world size."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pdprune import PDPPruner, PruningConfig, ScheduleConfig, load_checkpoint, save_checkpoint
+
+STEPS = 6
+CONFIG = PruningConfig(sparsity=0.8, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2, steps_per_epoch=2))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 12, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+
+
+def _masked(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _model()
+    pruner = PDPPruner(model, CONFIG)
+    wrapped = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+        shard = slice(rank * 16 // world, (rank + 1) * 16 // world)
+        nn.functional.cross_entropy(wrapped(x[shard]), y[shard]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+        for tensor in _masked(model):
+            gathered = [torch.empty_like(tensor) for _ in range(world)]
+            dist.all_gather(gathered, tensor)
+            assert all(torch.equal(gathered[0], other) for other in gathered[1:]), f"masks differ across ranks at step {step}"
+        if step == 2 and rank == 0:
+            save_checkpoint(os.path.join(out, "step3.pt"), {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()})
+    if rank == 0:
+        torch.save({"masked": _masked(model), "budgets": pruner.budgets}, os.path.join(out, "ddp.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _single_process(resume_from: str | None = None, steps_per_epoch: int = 2) -> tuple[list[torch.Tensor], PDPPruner]:
+    model = _model()
+    config = PruningConfig.from_dict({**CONFIG.to_dict(), "schedule": {**CONFIG.to_dict()["schedule"], "steps_per_epoch": steps_per_epoch}})
+    pruner = PDPPruner(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        pruner.load_state_dict(state["pruner"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first = 3
+    for step in range(first, STEPS):
+        x, y = _global_batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    return _masked(model), pruner
+
+
+def test_ddp_ranks_agree_match_one_process_and_resume_at_another_world_size(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    single, pruner = _single_process()
+    assert ddp["budgets"] == pruner.budgets
+    for a, b in zip(ddp["masked"], single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    resumed, _ = _single_process(resume_from=str(tmp_path / "step3.pt"))
+    for a, b in zip(resumed, single):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_with_more_steps_per_epoch_keeps_the_position_in_epochs(tmp_path):
+    model = _model()
+    pruner = PDPPruner(model, CONFIG)
+    for _ in range(3):
+        pruner.step()
+    state = pruner.state_dict()
+    config = PruningConfig.from_dict({**CONFIG.to_dict(), "schedule": {**CONFIG.to_dict()["schedule"], "steps_per_epoch": 4}})
+    other = PDPPruner(_model(), config)
+    other.load_state_dict(state)
+    assert other.schedule.steps_done == 6 and other.schedule.epoch == pruner.schedule.epoch
+    assert other.current_sparsity("0.weight") == pruner.current_sparsity("0.weight")
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _model()
+    pruner = PDPPruner(model, CONFIG)
+    seen: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda module, args, output: seen.append(module.weight.detach().clone()))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    shard = model[0].parametrizations.weight.original
+    assert shard.to_local().shape[0] == 32 // world, "the dense weight is sharded"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+        rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
+        nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    try:
+        pruner.finalize()
+    except RuntimeError as error:
+        assert "finalized_state_dict()" in str(error)
+    else:
+        raise AssertionError("finalize() under FSDP2 must refuse")
+    state = pruner.finalized_state_dict()
+    final = [state["0.weight"], state["2.weight"]]
+    if rank == 0:
+        torch.save({"seen": seen, "budgets": pruner.budgets, "final": final}, os.path.join(out, "fsdp.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_thresholds_select_over_the_whole_tensor_not_the_shard(tmp_path):
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    model = _model()
+    pruner = PDPPruner(model, CONFIG)
+    seen = []
+    model[0].register_forward_hook(lambda module, args, output: seen.append(module.weight.detach().clone()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = _global_batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    assert fsdp["budgets"] == pruner.budgets
+    assert len(fsdp["seen"]) == len(seen) == STEPS
+    for step, (sharded, single) in enumerate(zip(fsdp["seen"], seen)):
+        assert sharded.shape == (32, 12), "the mask saw the gathered weight"
+        torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    pruner.finalize()
+    for sharded, single in zip(fsdp["final"], (model[0].weight, model[2].weight)):
+        assert torch.equal(sharded == 0, single == 0), "the same weights pruned, exactly"
+        torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)

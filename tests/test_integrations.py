@@ -1,0 +1,118 @@
+"""Lightning and Hugging Face callbacks: attach, step, log, checkpoint, resume, finalize."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pdprune import PruningConfig, ScheduleConfig, is_nm_sparse
+
+
+def _quiet_lightning():
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def test_lightning_callback_prunes_logs_checkpoints_and_resumes(tmp_path):
+    import lightning as L
+
+    from pdprune.integrations.lightning import PDPCallback
+
+    _quiet_lightning()
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+        def training_step(self, batch, batch_index):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(128, 16, generator=generator), torch.randint(0, 4, (128,), generator=generator)), batch_size=16)
+    config = PruningConfig(sparsity=0.8, allocation="uniform", schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=3))
+
+    def trainer(callback, checkpoints=None):
+        extra = [] if checkpoints is None else [L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_epochs=1, save_top_k=-1)]
+        return L.Trainer(max_epochs=4, callbacks=[callback, *extra], logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=checkpoints is not None,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", deterministic=True, log_every_n_steps=1)
+
+    torch.manual_seed(0)
+    straight_model, straight = Classifier(), PDPCallback(config)
+    trainer(straight, checkpoints=tmp_path / "checkpoints").fit(straight_model, data)
+    assert straight.pruner.finalized
+    weights = [m.weight for m in straight_model.net if isinstance(m, torch.nn.Linear)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert any("pdprune/sparsity/net.0.weight" in path.read_text() for path in (tmp_path / "lightning_logs").rglob("metrics.csv"))
+
+    # A checkpoint written mid-training (after epoch 2 of 4) holds the pruner; resuming from it ends the same.
+    middle = next((tmp_path / "checkpoints").glob("epoch=1-*.ckpt"))
+    checkpoint = torch.load(middle, weights_only=False)
+    saved = next(value for key, value in checkpoint["callbacks"].items() if "PDPCallback" in key)
+    assert saved["schedule"]["steps_done"] == 16 and saved["budgets"] is not None
+    resumed_model, resumed = Classifier(), PDPCallback(config)
+    trainer(resumed).fit(resumed_model, data, ckpt_path=middle)
+    assert resumed.pruner.finalized and resumed.pruner.budgets == straight.pruner.budgets
+    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_transformers_callback_on_a_small_bert(tmp_path, structure):
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from pdprune.integrations.transformers import STATE_FILE, PDPTrainerCallback
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    bert = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+
+    class Examples(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            generator = torch.Generator().manual_seed(1)
+            self.ids = torch.randint(1, 100, (64, 16), generator=generator)
+            self.labels = (self.ids[:, 0] > 50).long()
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, index: int) -> dict:
+            return {"input_ids": self.ids[index], "labels": self.labels[index]}
+
+    def run(steps: int, resume: bool = False):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(bert)
+        config = PruningConfig(sparsity=0.75, structure=structure, module_types=("Linear",), exclude=("classifier",),
+                               schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2))
+        callback = PDPTrainerCallback(model, config)
+        arguments = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=4, max_steps=steps,
+                                      save_steps=8, save_strategy="steps", logging_steps=4, report_to=[], learning_rate=1e-3,
+                                      use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+        trainer = Trainer(model=model, args=arguments, train_dataset=Examples(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8") if resume else None)
+        return model, callback
+
+    model, callback = run(16)
+    assert callback.pruner.finalized and callback.pruner.schedule.config.steps_per_epoch == 4
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "classifier"}
+    if structure == "2:4":
+        assert all(is_nm_sparse(m.weight, 2, 4) for m in linears.values())
+    else:
+        total = sum(m.weight.numel() for m in linears.values())
+        assert sum(int((m.weight == 0).sum()) for m in linears.values()) == round(0.75 * total)
+    state = json.loads((tmp_path / "out" / "checkpoint-8" / STATE_FILE).read_text())
+    assert state["schedule"]["steps_done"] == 8
+
+    resumed_model, resumed = run(16, resume=True)
+    assert resumed.pruner.finalized and resumed.pruner.budgets == callback.pruner.budgets
+    for name, module in linears.items():
+        torch.testing.assert_close(dict(resumed_model.named_modules())[name].weight, module.weight, rtol=1e-4, atol=1e-5)
