@@ -67,3 +67,17 @@ def test_cubic_schedule():
     assert cubic_sparsity(10, 10, 20, 0.9) == 0
     assert cubic_sparsity(15, 10, 20, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))
     assert cubic_sparsity(25, 10, 20, 0.9) == 0.9
+
+
+@pytest.mark.parametrize("method,structure", [("gmp", "unstructured"), ("srste", "2:4")])
+def test_methods_create_their_state_on_the_model_s_device(method, structure):
+    """A model already on an accelerator: every buffer a method creates must live there too. The meta
+    device stands in for a GPU (mixing it with CPU tensors fails as CUDA does) for the methods whose
+    setup reads no values (PDP's CUDA paths are checked on a GPU by benchmarks/gpu_checks.py)."""
+    model = build_model("mlp", (1, 8, 8), 10).to("meta")
+    spec = MethodSpec(0.5, structure, warmup_epochs=0, ramp_end_epoch=0, steps_per_epoch=1)
+    pruner = build_baseline(method, model, spec, torch.zeros(2, 1, 8, 8, device="meta"))
+    model(torch.zeros(2, 1, 8, 8, device="meta"))
+    devices = {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]}
+    assert devices == {"meta"}, devices
+    assert pruner is not None

@@ -187,7 +187,7 @@ def test_finalize_before_the_ramp_ends_warns():
         ({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0, got 0.0"),
         ({"temperature": -1e-4}, ValueError, r"temperature must be a finite number > 0"),
         ({"temperature_mode": "cold"}, ValueError, r"temperature_mode must be one of \('relative', 'absolute'\), got 'cold'"),
-        ({"allocation": "greedy"}, ValueError, r"allocation must be one of \('global', 'uniform'\), got 'greedy'"),
+        ({"allocation": "greedy"}, ValueError, r"allocation must be one of \('global', 'uniform', 'lamp'\), got 'greedy'"),
         ({"structure": "4:2"}, ValueError, r"structure '4:2' needs 0 < N < M"),
         ({"structure": "blocks"}, ValueError, r"structure must be 'unstructured', 'channel' or 'N:M'"),
         ({"layer_structures": {"fc": "3:3"}}, ValueError, r"layer_structures\['fc'\]: structure '3:3' needs 0 < N < M"),

@@ -70,3 +70,47 @@ def test_uniform_budgets():
 def test_schedule_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScheduleConfig(**kwargs)
+
+
+def test_annealing_shrinks_the_temperature_after_the_ramp_only():
+    config = ScheduleConfig(warmup_epochs=1, ramp_end_epoch=4, anneal_end_epoch=8, anneal_factor=1e-2)
+    assert config.ramp_end == pytest.approx(4)
+    assert [config.temperature_factor(e) for e in (0, 2, 4)] == [1.0, 1.0, 1.0]
+    assert config.temperature_factor(6) == pytest.approx(0.1)
+    assert config.temperature_factor(8) == pytest.approx(1e-2) and config.temperature_factor(20) == pytest.approx(1e-2)
+    assert ScheduleConfig().temperature_factor(100) == 1.0, "off by default"
+    with pytest.raises(ValueError, match=r"anneal_end_epoch must come after the ramp ends \(epoch 4\), got 3"):
+        ScheduleConfig(warmup_epochs=1, ramp_end_epoch=4, anneal_end_epoch=3)
+    with pytest.raises(ValueError, match=r"anneal_factor must be in \(0, 1\], got 0"):
+        ScheduleConfig(anneal_factor=0)
+
+
+def test_the_pruner_anneals_every_mask_and_the_soft_mask_turns_hard():
+    from torch import nn
+
+    from pdprune import PDPPruner, PruningConfig
+
+    layer = nn.Linear(32, 32)
+    pruner = PDPPruner(nn.Sequential(layer), PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=0, anneal_end_epoch=2, steps_per_epoch=2)))
+    mask = layer.parametrizations.weight[0]
+    assert mask.temperature == pytest.approx(0.05)
+    for _ in range(4):
+        pruner.step()
+    assert mask.temperature == pytest.approx(0.05 * 1e-3)
+    original = layer.parametrizations.weight.original.detach()
+    soft = mask.soft_mask(original, 0.5)
+    assert float(((soft > 0.01) & (soft < 0.99)).float().mean()) < 0.02, "almost every weight is fully in or out"
+
+
+def test_lamp_budgets_meet_the_target_never_empty_a_tensor_and_ignore_scale():
+    from pdprune.schedule import lamp_budgets
+
+    generator = torch.Generator().manual_seed(0)
+    small, large = torch.randn(1000, generator=generator) * 0.01, torch.randn(200, generator=generator) * 10
+    budgets = lamp_budgets({"small": small.square(), "large": large.square()}, 0.9)
+    assert pruned_count(budgets["small"], 1000) + pruned_count(budgets["large"], 200) == 1080
+    assert budgets["small"] < 1.0, "global magnitude would empty the small-scale tensor"
+    assert global_budgets({"small": small.square(), "large": large.square()}, 0.9)["small"] == 1.0
+    rescaled = lamp_budgets({"small": (small * 1000).square(), "large": large.square()}, 0.9)
+    assert rescaled == budgets, "a tensor's scale does not change its budget"
+    assert all(b < 1 for b in lamp_budgets({"a": torch.rand(10), "b": torch.rand(10)}, 0.9).values())

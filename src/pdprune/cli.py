@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -151,6 +151,10 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_bench(args: argparse.Namespace) -> int:
     grid = load_grid(args.config)
+    if args.device is not None:
+        grid = replace(grid, runs=tuple(replace(run, device=args.device) for run in grid.runs))
+    if args.seeds:
+        grid = replace(grid, runs=tuple(run for run in grid.runs if run.seed in args.seeds))
     out = args.out or Path("benchmarks/results") / grid.name
     rows = run_grid(grid, out, args.data_dir, progress=not args.quiet, only=args.only)
     if rows:
@@ -201,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("config", type=Path, help="grid file, e.g. benchmarks/configs/quick.toml")
     bench_parser.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results/<grid name>)")
     bench_parser.add_argument("--data-dir", default=None, help="directory of the datasets (default: $PDPRUNE_DATA)")
-    bench_parser.add_argument("--only", default=None, metavar="TEXT", help="run only the runs whose key contains TEXT")
+    bench_parser.add_argument("--only", action="append", default=[], metavar="TEXT", help="run only the runs whose key contains TEXT (repeatable)")
+    bench_parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
+    bench_parser.add_argument("--device", default=None, help="run every run on this torch device (default: the grid's, else cpu)")
     bench_parser.add_argument("--quiet", action="store_true", help="no progress bars")
     bench_parser.set_defaults(handler=command_bench)
     report_parser = commands.add_parser("report", help="per-layer sparsity table and plot of any saved model")

@@ -53,8 +53,9 @@ class PruningConfig:
         structure: "unstructured", "channel" or an N:M pattern such as "2:4", for every selected layer.
         layer_structures: fnmatch pattern of module names -> structure, overriding `structure` for the
             modules it matches (the first matching pattern wins), e.g. {"fc*": "2:4"}.
-        allocation: "global" (one magnitude sort over all unstructured layers, the paper's way) or
-            "uniform". Channel groups are always pruned uniformly at `sparsity`.
+        allocation: "global" (one magnitude sort over all unstructured layers, the paper's way),
+            "uniform", or "lamp" (one sort of layer-adaptive scores: scale-free across layers and never
+            empties a layer; not in the paper). Channel groups are always pruned uniformly at `sparsity`.
         temperature: tau of the soft mask; relative to t^2 by default, absolute if `temperature_mode`
             is "absolute" (the paper's form; public code uses 1e-4 to 1e-5).
         temperature_mode: "relative" or "absolute".

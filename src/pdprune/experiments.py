@@ -20,7 +20,8 @@ A grid is a TOML file (see `benchmarks/configs/`):
     sparsities = [0.9, 0.95]
 
 Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
-and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields) for PDP variants.
+`device` ("cuda"), and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields, and a
+`schedule` table of ScheduleConfig overrides) for PDP variants.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 import tomllib
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ class RunSpec:
     pdp: dict[str, Any] = field(default_factory=dict)  # extra PruningConfig fields for PDP (temperature, ...)
     label: str | None = None  # a name for a PDP variant, e.g. "pdp tau=0.1"
     train_limit: int | None = None  # use only the first examples of each split (smoke tests)
+    device: str = "cpu"
 
     @property
     def name(self) -> str:
@@ -115,7 +118,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
                         float(schedule.get("warmup_epochs", 1)), float(schedule.get("ramp_end_epoch", train_config.epochs // 2)),
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
-                        config.get("train_limit"),
+                        config.get("train_limit"), config.get("device", "cpu"),
                     ))
     keys = [run.key for run in runs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
@@ -134,16 +137,18 @@ def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path 
                         vocabulary_size=None if dataset.vocabulary is None else len(dataset.vocabulary))
     if spec.pretrained is not None:
         load_pretrained(model, Path(data_dir or os.environ.get("PDPRUNE_DATA", ".")) / spec.pretrained)
-    example = dataset.train_inputs[:2]
+    model = model.to(spec.device)
+    example = dataset.train_inputs[:2].to(spec.device)
     steps_per_epoch = dataset.steps_per_epoch(spec.train.batch_size)
     method = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers left dense are reported in the results instead
         if spec.method == "pdp":
+            overrides = dict(spec.pdp)
+            schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
             config = PruningConfig.from_dict({
                 "sparsity": spec.sparsity, "structure": spec.structure,
-                "schedule": ScheduleConfig(warmup_epochs=spec.warmup_epochs, ramp_end_epoch=spec.ramp_end_epoch, steps_per_epoch=steps_per_epoch),
-                **spec.pdp,
+                "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
             })
             method = PDPPruner(model, config, example_inputs=example)
         elif spec.method != "dense":
@@ -160,6 +165,7 @@ def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path 
     if spec.structure == "channel" or spec.method == "dense":
         small = compact(model, example[:1]) if spec.structure == "channel" else model
         row["macs"], row["parameters"] = count_macs_and_parameters(small, example[:1])
+    row["device"] = spec.device
     return row
 
 
@@ -176,17 +182,22 @@ def _completed(results: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress: bool = True, only: str | None = None) -> list[dict[str, Any]]:
+def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress: bool = True, only: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Run every run of `grid` not yet in `out/results.jsonl`, appending each result as it finishes.
 
-    An interrupted run resumes from its last epoch checkpoint in `out/checkpoints/`.
+    An interrupted run resumes from its last epoch checkpoint in `out/checkpoints/`. `only` keeps the
+    runs whose key contains one of its strings, so that several workers can share a grid (each result
+    file line is re-read before a run starts, so no run is done twice by workers with disjoint `only`).
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps(grid.config, indent=1) + "\n")
     results = out / "results.jsonl"
     done = _completed(results)
-    pending = [run for run in grid.runs if run.key not in done and (only is None or only in run.key)]
+    pending = [run for run in grid.runs if run.key not in done and (not only or any(text in run.key for text in only))]
     for run in tqdm(pending, desc=f"grid {grid.name}", disable=not progress):
+        done |= _completed(results)
+        if run.key in done:
+            continue
         checkpoint = out / "checkpoints" / f"{run.key}.pt"
         started = time.perf_counter()
         row = run_one(run, data_dir, checkpoint, progress=False)
@@ -212,6 +223,13 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
     def mean_std(values: list[float]) -> str:
         return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
+    def order(item: tuple[tuple, list[dict]]) -> tuple:
+        (setting, method), members = item
+        structure = members[0]["structure"]
+        rank = 0 if method == "dense" else 1 if structure == "unstructured" else 2 if structure != "channel" else 3
+        return rank, members[0]["target_sparsity"], structure, not method.startswith("pdp"), method != "pdp", method
+
+    groups = dict(sorted(groups.items(), key=order))
     header = ["setting", "method", "seeds", *[f"{split} accuracy (%)" for split in splits], "achieved sparsity", "train time (s)"]
     if any("parameters" in row for row in rows):
         header.append("parameters")

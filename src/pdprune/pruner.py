@@ -25,7 +25,7 @@ from pdprune.config import PRUNABLE_MODULE_TYPES, PruningConfig, parse_structure
 from pdprune.masks import pruned_count
 from pdprune.parametrizations import ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
-from pdprune.schedule import Schedule, global_budgets, uniform_budgets
+from pdprune.schedule import Schedule, global_budgets, lamp_budgets, uniform_budgets
 from pdprune.structure import find_channel_groups
 
 __all__ = ["PDPPruner"]
@@ -85,8 +85,10 @@ class PDPPruner:
             if self.budgets is None:
                 self.budgets = self._allocate()
             fraction = self.schedule.ramp_fraction
+        temperature = self.config.temperature * self.schedule.temperature_factor
         for name, unit in self.units.items():
             unit.sparsity = 0.0 if self.budgets is None else fraction * self.budgets[name]
+            unit.temperature = temperature
 
     def _allocate(self) -> dict[str, float]:
         """Per-unit budgets: fixed for N:M, `sparsity` for channel groups, global or uniform for the rest."""
@@ -99,10 +101,11 @@ class PDPPruner:
                 budgets[name] = self.config.sparsity
             else:
                 free[name] = self._original(name)
-        if self.config.allocation == "global":
-            budgets |= global_budgets({name: w.detach().square() for name, w in free.items()}, self.config.sparsity)
-        else:
+        if self.config.allocation == "uniform":
             budgets |= uniform_budgets({name: w.numel() for name, w in free.items()}, self.config.sparsity)
+        else:
+            allocate = global_budgets if self.config.allocation == "global" else lamp_budgets
+            budgets |= allocate({name: w.detach().square() for name, w in free.items()}, self.config.sparsity)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             shared = [budgets]  # computed once, on rank 0, so that every rank prunes the same weights
             torch.distributed.broadcast_object_list(shared, src=0)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ScheduleConfig", "Schedule", "global_budgets", "uniform_budgets", "ALLOCATIONS"]
+__all__ = ["ScheduleConfig", "Schedule", "global_budgets", "lamp_budgets", "uniform_budgets", "ALLOCATIONS"]
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "lamp")
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,18 @@ class ScheduleConfig:
         ramp_end_epoch: alternatively, the epoch by which the target is reached; sets eps to
             1 / (ramp_end_epoch - warmup_epochs + 1). Give at most one of the two.
         steps_per_epoch: how many `step()` calls make one epoch (1 when stepping once per epoch).
+        anneal_end_epoch: not in the paper, off by default: from the end of the ramp to this epoch the
+            temperature shrinks geometrically to `anneal_factor` times its value, so that the soft mask
+            the network trains with becomes the hard mask of `finalize()` before training ends.
+        anneal_factor: the temperature's final fraction when annealing.
     """
 
     warmup_epochs: float = 1.0
     ramp_rate: float | None = None
     ramp_end_epoch: float | None = None
     steps_per_epoch: int = 1
+    anneal_end_epoch: float | None = None
+    anneal_factor: float = 1e-3
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
@@ -50,11 +56,29 @@ class ScheduleConfig:
             raise ValueError(
                 f"ramp_end_epoch must be >= warmup_epochs ({self.warmup_epochs}), got {self.ramp_end_epoch}"
             )
+        if not 0 < self.anneal_factor <= 1:
+            raise ValueError(f"anneal_factor must be in (0, 1], got {self.anneal_factor}; e.g. 1e-3")
+        if self.anneal_end_epoch is not None and not self.anneal_end_epoch > self.ramp_end:
+            raise ValueError(
+                f"anneal_end_epoch must come after the ramp ends (epoch {self.ramp_end:g}), got {self.anneal_end_epoch}"
+            )
         if isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
             raise ValueError(
                 f"steps_per_epoch must be an int >= 1, got {self.steps_per_epoch!r}; "
                 "pass len(train_loader) when calling step() after every optimizer step"
             )
+
+    @property
+    def ramp_end(self) -> float:
+        """The epoch at which the ramp reaches the target: s - 1 + 1 / eps."""
+        return self.warmup_epochs - 1 + 1 / self.epsilon
+
+    def temperature_factor(self, epoch: float) -> float:
+        """1 until the ramp ends; then, if annealing, geometric down to `anneal_factor` at `anneal_end_epoch`."""
+        if self.anneal_end_epoch is None or epoch <= self.ramp_end:
+            return 1.0
+        progress = min(1.0, (epoch - self.ramp_end) / max(self.anneal_end_epoch - self.ramp_end, 1e-12))
+        return self.anneal_factor**progress
 
     @property
     def epsilon(self) -> float:
@@ -88,6 +112,10 @@ class Schedule:
     @property
     def ramp_fraction(self) -> float:
         return self.config.ramp_fraction(self.epoch)
+
+    @property
+    def temperature_factor(self) -> float:
+        return self.config.temperature_factor(self.epoch)
 
     def step(self) -> None:
         self.steps_done += 1
@@ -132,3 +160,20 @@ def global_budgets(squared_magnitudes: Mapping[str, Tensor], sparsity: float) ->
         ties_left -= ties
         budgets[name] = (below[name] + ties) / values.numel()
     return budgets
+
+
+def lamp_budgets(squared_magnitudes: Mapping[str, Tensor], sparsity: float) -> dict[str, float]:
+    """Per-tensor sparsities from one global sort of layer-adaptive magnitude scores (LAMP; Lee et al.,
+    ICLR 2021): score(w) = w^2 / (sum of the squares of the weights of its tensor at least as large).
+
+    Scale-free across tensors (fan-in scaling does not decide which layer loses most) and the largest
+    weight of every tensor scores 1, so no tensor is ever emptied. Not in the PDP paper: an option.
+    """
+    scores = {}
+    for name, values in squared_magnitudes.items():
+        ordered, order = values.detach().flatten().float().sort()
+        tail_sums = ordered.flip(0).cumsum(0).flip(0)  # sum of the squares at least as large
+        score = torch.empty_like(ordered)
+        score[order] = ordered / tail_sums.clamp_min(torch.finfo(ordered.dtype).tiny)
+        scores[name] = score
+    return global_budgets(scores, sparsity)

@@ -23,9 +23,9 @@ UPDATES_PER_EPOCH = 10
 class FixedMask(nn.Module):
     """Parametrization w -> w * mask with the mask a buffer (saved with the model)."""
 
-    def __init__(self, shape: torch.Size) -> None:
+    def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        self.register_buffer("mask", torch.ones(shape))
+        self.register_buffer("mask", torch.ones_like(weight))  # on the weight's device: the model may be on a GPU already
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight * self.mask
@@ -46,7 +46,7 @@ class GradualMagnitude(Baseline):
         self.layers = selected_weights(model)
         self.interval = max(1, spec.steps_per_epoch // UPDATES_PER_EPOCH)
         for module in self.layers.values():
-            parametrize.register_parametrization(module, "weight", FixedMask(module.weight.shape))
+            parametrize.register_parametrization(module, "weight", FixedMask(module.weight.detach()))
 
     def on_step(self) -> None:
         if self.steps_done < self.spec.start_step or (self.steps_done - self.spec.start_step) % self.interval:
