@@ -31,6 +31,19 @@ def _masked(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Linear)]
 
 
+def _train(model: nn.Module, pruner: PDPPruner, optimizer: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1, after_step=None) -> None:
+    """Each rank trains on its slice of the same global batch; `after_step(step)` runs after each step."""
+    for step in steps:
+        x, y = _global_batch(step)
+        rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
+        nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+        if after_step is not None:
+            after_step(step)
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -38,19 +51,16 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     pruner = PDPPruner(model, CONFIG)
     wrapped = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
-    for step in range(STEPS):
-        x, y = _global_batch(step)
-        shard = slice(rank * 16 // world, (rank + 1) * 16 // world)
-        nn.functional.cross_entropy(wrapped(x[shard]), y[shard]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        pruner.step()
+
+    def check_and_save(step: int) -> None:
         for tensor in _masked(model):
             gathered = [torch.empty_like(tensor) for _ in range(world)]
             dist.all_gather(gathered, tensor)
             assert all(torch.equal(gathered[0], other) for other in gathered[1:]), f"masks differ across ranks at step {step}"
         if step == 2 and rank == 0:
             save_checkpoint(os.path.join(out, "step3.pt"), {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "pruner": pruner.state_dict()})
+
+    _train(wrapped, pruner, optimizer, range(STEPS), rank, world, check_and_save)
     if rank == 0:
         torch.save({"masked": _masked(model), "budgets": pruner.budgets}, os.path.join(out, "ddp.pt"))
     dist.barrier()
@@ -69,12 +79,7 @@ def _single_process(resume_from: str | None = None, steps_per_epoch: int = 2) ->
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         first = 3
-    for step in range(first, STEPS):
-        x, y = _global_batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        pruner.step()
+    _train(model, pruner, optimizer, range(first, STEPS))
     return _masked(model), pruner
 
 
@@ -117,14 +122,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     fully_shard(model)
     shard = model[0].parametrizations.weight.original
     assert shard.to_local().shape[0] == 32 // world, "the dense weight is sharded"
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(STEPS):
-        x, y = _global_batch(step)
-        rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
-        nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        pruner.step()
+    _train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), range(STEPS), rank, world)
     try:
         pruner.finalize()
     except RuntimeError as error:
@@ -146,13 +144,7 @@ def test_fsdp2_thresholds_select_over_the_whole_tensor_not_the_shard(tmp_path):
     pruner = PDPPruner(model, CONFIG)
     seen = []
     model[0].register_forward_hook(lambda module, args, output: seen.append(module.weight.detach().clone()))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(STEPS):
-        x, y = _global_batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        pruner.step()
+    _train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), range(STEPS))
     assert fsdp["budgets"] == pruner.budgets
     assert len(fsdp["seen"]) == len(seen) == STEPS
     for step, (sharded, single) in enumerate(zip(fsdp["seen"], seen)):

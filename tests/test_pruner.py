@@ -277,3 +277,42 @@ def test_finalized_state_dict_is_what_finalize_leaves_without_touching_the_model
     pruner.finalize()
     for key, value in tiny_convnet.state_dict().items():
         assert torch.equal(state[key], value), key
+
+
+def test_tied_weights_share_one_mask_count_once_and_stay_tied(tmp_path):
+    class TiedLanguageModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(50, 16)
+            self.hidden = nn.Linear(16, 16)
+            self.output = nn.Linear(16, 50, bias=False)
+            self.output.weight = self.embedding.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.output(torch.relu(self.hidden(self.embedding(ids))))
+
+    model = TiedLanguageModel()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, allocation="uniform", schedule=IMMEDIATE))
+    assert list(pruner.units) == ["hidden.weight", "output.weight"], "the shared weight is one unit"
+    assert torch.equal(model.embedding.weight, model.output.weight), "both modules compute with the same masked weight"
+    assert pruner.report().parameters == 16 * 16 + 50 * 16
+    ids = torch.randint(0, 50, (4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        nn.functional.cross_entropy(model(ids).reshape(-1, 50), ids.reshape(-1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    pruner.finalize()
+    assert model.embedding.weight is model.output.weight
+    assert int((model.output.weight == 0).sum()) == 400
+    with pytest.raises(ValueError, match=r"'output' shares its weight with \['embedding'\]; tied weights cannot be channel-pruned"):
+        PDPPruner(TiedLanguageModel(), PruningConfig(structure="channel", include=("output",)), example_inputs=ids)
+
+
+def test_importing_pdprune_does_not_import_the_optional_frameworks():
+    import subprocess
+    import sys
+
+    code = "import sys, pdprune; print([m for m in ('lightning', 'transformers', 'onnx', 'matplotlib') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
