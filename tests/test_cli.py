@@ -49,3 +49,11 @@ def test_console_script_is_installed():
     assert executable is not None, "pip install -e . provides the pdprune command next to python"
     result = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("pdprune ")
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "report", "export"])
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: pdprune " + command in capsys.readouterr().out
