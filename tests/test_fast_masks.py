@@ -148,3 +148,19 @@ def test_group_thresholds_equal_the_sort_even_with_ties(compiled, m, pruned):
     groups[1, 1, :2] = 0.0
     groups[2, 2, ::2] = -groups[2, 2, 1::2]  # ties in magnitude, opposite signs
     assert torch.equal(group_thresholds(groups, pruned, compiled), midpoint_threshold(groups.square(), pruned))
+
+
+def test_the_threshold_is_reused_only_while_the_weight_is_unchanged():
+    layer = nn.Linear(64, 64)
+    pruner = PDPPruner(nn.Sequential(layer), PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)))
+    mask = layer.parametrizations.weight[0]
+    first = layer.weight.detach().clone()
+    assert mask._cached is not None
+    cached = mask._cached[1]
+    torch.testing.assert_close(layer.weight, first)
+    assert mask._cached[1] is cached, "same weight: no new selection"
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(1.5)
+    torch.testing.assert_close(layer.weight, _reference_forward(mask, layer.parametrizations.weight.original))
+    assert mask._cached[1] is not cached
+    assert pruner is not None

@@ -116,6 +116,7 @@ class UnstructuredMask(SoftMask):
         super().__init__(temperature, relative_temperature, compile_kernels)
         self._band: tuple[float, float] | None = None  # squared-score bracket of the last threshold
         self._band_width = 4e-3
+        self._cached: tuple[tuple[int, int, int], Tensor] | None = None  # (weight version, storage, pruned), t
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.sparsity == 0.0:
@@ -129,7 +130,19 @@ class UnstructuredMask(SoftMask):
         return masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight))
 
     def threshold(self, weight: Tensor, pruned: int) -> Tensor:
-        """t (a one-element tensor), from a band around the last threshold when possible, else one selection."""
+        """t (a one-element tensor), from a band around the last threshold when possible, else one selection.
+
+        Reused while the weight is unchanged (same tensor version and storage): evaluation batches and
+        gradient-accumulation micro-batches pay for one selection per optimizer step, not per batch.
+        """
+        key = (weight._version, weight.data_ptr(), pruned)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        threshold = self._select(weight, pruned)
+        self._cached = (key, threshold)
+        return threshold
+
+    def _select(self, weight: Tensor, pruned: int) -> Tensor:
         stats = None
         if self._band is not None and weight.device.type == "cpu" and weight.numel() >= BAND_FROM:
             stats = band_order_statistics(weight, pruned, *self._band)
