@@ -114,3 +114,14 @@ def test_lamp_budgets_meet_the_target_never_empty_a_tensor_and_ignore_scale():
     rescaled = lamp_budgets({"small": (small * 1000).square(), "large": large.square()}, 0.9)
     assert rescaled == budgets, "a tensor's scale does not change its budget"
     assert all(b < 1 for b in lamp_budgets({"a": torch.rand(10), "b": torch.rand(10)}, 0.9).values())
+
+
+def test_cubic_ramp_prunes_early_and_reaches_the_target_at_the_same_epoch():
+    linear = ScheduleConfig(warmup_epochs=1, ramp_end_epoch=6)
+    cubic = ScheduleConfig(warmup_epochs=1, ramp_end_epoch=6, ramp_shape="cubic")
+    assert cubic.ramp_fraction(0.5) == 0 and cubic.ramp_fraction(6) == pytest.approx(1.0)
+    for epoch in (1, 2, 3, 4, 5):
+        assert cubic.ramp_fraction(epoch) > linear.ramp_fraction(epoch)
+    assert cubic.ramp_fraction(3) == pytest.approx(1 - (1 - 3 / 6) ** 3)
+    with pytest.raises(ValueError, match=r"ramp_shape must be one of \('linear', 'cubic'\), got 'exponential'"):
+        ScheduleConfig(ramp_shape="exponential")

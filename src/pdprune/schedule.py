@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = ["ScheduleConfig", "Schedule", "global_budgets", "lamp_budgets", "uniform_budgets", "ALLOCATIONS"]
 
 ALLOCATIONS = ("global", "uniform", "lamp")
+RAMP_SHAPES = ("linear", "cubic")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ScheduleConfig:
             temperature shrinks geometrically to `anneal_factor` times its value, so that the soft mask
             the network trains with becomes the hard mask of `finalize()` before training ends.
         anneal_factor: the temperature's final fraction when annealing.
+        ramp_shape: "linear" (the paper's r_l(e) = min(1, eps * (e - s + 1)) * r_l) or "cubic"
+            (1 - (1 - linear)^3, Zhu & Gupta's shape: most of the pruning early, while the network is
+            still redundant, and little at the end; not in the PDP paper).
     """
 
     warmup_epochs: float = 1.0
@@ -42,6 +46,7 @@ class ScheduleConfig:
     steps_per_epoch: int = 1
     anneal_end_epoch: float | None = None
     anneal_factor: float = 1e-3
+    ramp_shape: str = "linear"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
@@ -56,6 +61,8 @@ class ScheduleConfig:
             raise ValueError(
                 f"ramp_end_epoch must be >= warmup_epochs ({self.warmup_epochs}), got {self.ramp_end_epoch}"
             )
+        if self.ramp_shape not in RAMP_SHAPES:
+            raise ValueError(f"ramp_shape must be one of {RAMP_SHAPES}, got {self.ramp_shape!r}")
         if not 0 < self.anneal_factor <= 1:
             raise ValueError(f"anneal_factor must be in (0, 1], got {self.anneal_factor}; e.g. 1e-3")
         if self.anneal_end_epoch is not None and not self.anneal_end_epoch > self.ramp_end:
@@ -91,7 +98,8 @@ class ScheduleConfig:
         """min(1, eps * (e - s + 1)) after warm-up, 0 during it: the fraction of each budget applied."""
         if epoch < self.warmup_epochs:
             return 0.0
-        return min(1.0, self.epsilon * (epoch - self.warmup_epochs + 1))
+        linear = min(1.0, self.epsilon * (epoch - self.warmup_epochs + 1))
+        return linear if self.ramp_shape == "linear" else 1 - (1 - linear) ** 3
 
 
 class Schedule:
