@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pdprune"
 RANKS = {
     "_version": 0, "masks": 0, "schedule": 0, "data": 0, "models": 0,
     "checkpoint": 1, "config": 1, "parametrizations": 1,
-    "report": 2, "structure": 2, "pruner": 3,
-    "semi_structured": 1, "train": 4, "baselines": 5, "experiments": 6, "export": 6, "distributed": 6,
+    "report": 2, "structure": 2, "attach": 3, "pruner": 4,
+    "semi_structured": 1, "train": 5, "baselines": 6, "experiments": 7, "export": 7,
     "cli": 9, "integrations": 9,
 }
 NEVER_IMPORTED = {"cli", "integrations"}

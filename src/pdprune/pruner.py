@@ -10,7 +10,6 @@ A *unit* is what one threshold decides over: a weight tensor (unstructured or N:
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -21,12 +20,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pdprune._version import __version__
-from pdprune.config import PRUNABLE_MODULE_TYPES, PruningConfig, parse_structure
-from pdprune.masks import pruned_count
-from pdprune.parametrizations import ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
+from pdprune.config import PruningConfig
+from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
 from pdprune.schedule import Schedule, global_budgets, lamp_budgets, uniform_budgets
-from pdprune.structure import find_channel_groups
+from pdprune.attach import attach, check_finite
 
 __all__ = ["PDPPruner"]
 
@@ -53,14 +51,10 @@ class PDPPruner:
         self.schedule = Schedule(self.config.schedule)
         self.budgets: dict[str, float] | None = None
         self.finalized = False
-        selected = _select_modules(model, self.config)
-        _check_finite({f"{name}.weight": module.weight for name, module in selected.items()})
-        self.units, registrations, self.skipped = _build_units(model, selected, self.config, example_inputs)
-        self._tensors = _register(registrations)
-        self._group_members: dict[str, dict[str, Tensor]] = {}  # group -> member tensor -> its channel per root channel
-        for tensor, _, _, mask in registrations:
-            if isinstance(mask, ChannelMask):
-                self._group_members.setdefault(mask.group.name, {})[tensor] = mask.indices
+        attached = attach(model, self.config, example_inputs)
+        self.units, self.skipped = attached.units, attached.skipped
+        self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
+        self._group_members = attached.group_members  # group -> member tensor -> its channel per root channel
         self._update_sparsities()
 
     @property
@@ -92,7 +86,7 @@ class PDPPruner:
 
     def _allocate(self) -> dict[str, float]:
         """Per-unit budgets: fixed for N:M, `sparsity` for channel groups, global or uniform for the rest."""
-        _check_finite(self._originals())
+        check_finite(self._originals())
         budgets, free = {}, {}
         for name, unit in self.units.items():
             if isinstance(unit, NMMask):
@@ -170,7 +164,7 @@ class PDPPruner:
                 stacklevel=3,
             )
         originals = self._originals()
-        _check_finite(originals)
+        check_finite(originals)
         unit_names = {id(unit): name for name, unit in self.units.items()}
         baked = {}
         with torch.no_grad():
@@ -317,134 +311,6 @@ class PDPPruner:
             )
 
 
-def _select_modules(model: nn.Module, config: PruningConfig) -> dict[str, nn.Module]:
-    """Module name -> module for every layer the config selects; errors name the pattern or the problem."""
-    kinds = tuple(PRUNABLE_MODULE_TYPES[name] for name in config.module_types)
-    candidates = {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module) and any(
-            isinstance(p, (SoftMask, ChannelMask)) for plist in module.parametrizations.values() for p in plist
-        ):
-            raise RuntimeError(
-                f"a PDP mask is already attached to {name!r}; finalize() or detach() the first pruner "
-                "before attaching another"
-            )
-    for pattern in (*config.include, *config.exclude, *config.layer_structures):
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
-            raise ValueError(
-                f"pattern {pattern!r} matches no module of types {list(config.module_types)}; "
-                f"module names look like {list(candidates)[:6]}"
-            )
-    selected = {
-        name: module
-        for name, module in candidates.items()
-        if (not config.include or any(fnmatch.fnmatchcase(name, p) for p in config.include))
-        and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
-    }
-    if not selected:
-        raise ValueError(
-            f"no prunable layer selected: the model has no module of types {list(config.module_types)}"
-            + (" left after include/exclude" if candidates else "")
-            + "; pass module_types=... or change include/exclude"
-        )
-    return selected
-
-
-Registration = tuple[str, nn.Module, str, nn.Module]  # (tensor name, module, "weight"/"bias", parametrization)
-
-
-def _build_units(
-    model: nn.Module, selected: dict[str, nn.Module], config: PruningConfig, example_inputs: Tensor | Sequence[Tensor] | None
-) -> tuple[dict[str, MaskState], list[Registration], dict[str, str]]:
-    """Create every unit and the parametrizations to register, without touching the model yet."""
-    relative = config.temperature_mode == "relative"
-    units: dict[str, MaskState] = {}
-    registrations: list[Registration] = []
-    skipped: dict[str, str] = {}
-    channel_modules = set()
-    ties = _tied_weights(model)
-    masked_weights: set[int] = set()
-    for name, module in selected.items():
-        structure = parse_structure(config.structure_of(name))
-        if id(module.weight) in masked_weights:
-            continue  # tied to a weight masked already: one mask serves every module that shares it
-        if structure == "channel":
-            if len(ties.get(id(module.weight), ())) > 1:
-                raise ValueError(f"{name!r} shares its weight with {[n for n, _ in ties[id(module.weight)] if n != name]}; "
-                                 "tied weights cannot be channel-pruned: exclude them or use an unstructured or N:M structure")
-            channel_modules.add(name)
-            continue
-        tensor_name = f"{name}.weight"
-        if structure == "unstructured":
-            mask: SoftMask = UnstructuredMask(config.temperature, relative, config.compile_kernels)
-        else:
-            n, m = structure
-            if module.weight.dim() < 2 or module.weight.shape[1] % m:
-                problem = (f"{n}:{m} needs the input dimension of {tensor_name!r} (shape {tuple(module.weight.shape)}) "
-                           f"to be a multiple of {m}")
-                if config.on_incompatible == "error":
-                    raise ValueError(f"{problem}; exclude it, e.g. exclude=({name!r},), or pass on_incompatible='skip'")
-                skipped[tensor_name] = problem
-                continue
-            mask = NMMask(n, m, config.temperature, relative, config.compile_kernels)
-        units[tensor_name] = mask
-        masked_weights.add(id(module.weight))
-        for holder_name, holder in ties.get(id(module.weight), [(name, module)]):
-            registrations.append((f"{holder_name}.weight", holder, "weight", mask))
-    if skipped:
-        warnings.warn(f"left dense, cannot hold their N:M pattern: {sorted(skipped)}", stacklevel=3)
-    if channel_modules:
-        if example_inputs is None:
-            raise ValueError(
-                "structure 'channel' needs example_inputs=... (a batch the model accepts) to trace which channels "
-                "are coupled: PDPPruner(model, config, example_inputs=torch.randn(1, 3, 32, 32))"
-            )
-        specs, dense_groups = find_channel_groups(model, example_inputs, channel_modules)
-        if dense_groups:
-            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=3)
-            skipped |= {f"channel group {name}": why for name, why in dense_groups.items()}
-        for spec in specs:
-            producers = [(model.get_submodule(p), _indices(spec.members[p], model.get_submodule(p))) for p in spec.producers]
-            group = ChannelGroup(spec.name, spec.size, producers, config.temperature, relative)
-            units[spec.name] = group
-            for member, indices in spec.members.items():
-                module = model.get_submodule(member)
-                for tensor_name in ("weight", "bias"):
-                    if getattr(module, tensor_name, None) is not None:
-                        registrations.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, _indices(indices, module))))
-    return units, registrations, skipped
-
-
-def _tied_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
-    """id(weight) -> every (module name, module) holding that very Parameter as its `weight`."""
-    holders: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if isinstance(weight, nn.Parameter):
-            holders.setdefault(id(weight), []).append((name, module))
-    return holders
-
-
-def _indices(channels: list[int], module: nn.Module) -> Tensor:
-    """Channel indices on the device of the module they index (the model may already be on a GPU)."""
-    return torch.tensor(channels, dtype=torch.long, device=module.weight.device)
-
-
-def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, str]]:
-    """Register every parametrization, all or nothing. Returns tensor name -> (module, tensor name)."""
-    done: list[tuple[nn.Module, str]] = []
-    try:
-        for _, module, tensor_name, mask in registrations:
-            parametrize.register_parametrization(module, tensor_name, mask)
-            done.append((module, tensor_name))
-    except Exception:
-        for module, tensor_name in done:
-            if parametrize.is_parametrized(module, tensor_name):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        raise
-    return {name: (module, tensor_name) for name, module, tensor_name, _ in registrations}
-
-
 def _plain(value: Any) -> Any:
     """Tuples as lists, recursively: a config compares equal after a trip through JSON."""
     if isinstance(value, Mapping):
@@ -452,12 +318,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
-
-
-def _check_finite(tensors: Mapping[str, Tensor]) -> None:
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(
-                f"weight {name!r} holds NaN or Inf; PDP cannot rank its magnitudes. Lower the learning rate, "
-                "check the loss for overflow, or resume from the last good checkpoint"
-            )

@@ -13,7 +13,6 @@ import copy
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,7 +176,6 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
     Raises:
         RuntimeError: the compacted copy computes something else (the input model is left untouched).
     """
-    tp = _torch_pruning()
     example_inputs = _as_tuple(example_inputs)
     compacted = copy.deepcopy(model)
     graph = _dependency_graph(compacted, example_inputs)
@@ -232,7 +230,6 @@ def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the file is not a compacted model, or does not fit this architecture.
     """
-    tp = _torch_pruning()
     state = load_checkpoint(path)
     if state.get("format") != COMPACTED_FORMAT:
         raise ValueError(f"{str(path)!r} is not a compacted pdprune model (format {state.get('format')!r}); use torch.load for plain files")

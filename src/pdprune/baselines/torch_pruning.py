@@ -50,7 +50,6 @@ class TorchPruningChannels(Baseline):
         self._rezero()
 
     def _prune_event(self) -> None:
-        import torch_pruning as tp
 
         for group in self.pruner.step(interactive=True):
             for item in group:
