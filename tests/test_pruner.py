@@ -316,3 +316,21 @@ def test_importing_pdprune_does_not_import_the_optional_frameworks():
 
     code = "import sys, pdprune; print([m for m in ('lightning', 'transformers', 'onnx', 'matplotlib') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_reallocation_redoes_the_budgets_each_ramp_epoch_and_resumes_exactly(tiny_convnet):
+    config = PruningConfig(sparsity=0.8, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=4, steps_per_epoch=2, reallocate=True))
+    pruner = PDPPruner(tiny_convnet, config)
+    optimizer = torch.optim.SGD(tiny_convnet.parameters(), lr=0.5)
+    allocations = []
+    for _ in range(12):
+        _train_steps(tiny_convnet, pruner, optimizer, 1)
+        allocations.append(pruner.schedule.allocated_epoch)
+    assert allocations == [None, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3], "once per ramp epoch, none after the ramp"
+    from tests.conftest import TinyConvNet
+
+    other = TinyConvNet()
+    resumed = PDPPruner(other, config)
+    other.load_state_dict(tiny_convnet.state_dict())
+    resumed.load_state_dict(pruner.state_dict())
+    assert resumed.schedule.allocated_epoch == 3 and resumed.budgets == pruner.budgets

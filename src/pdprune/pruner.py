@@ -76,8 +76,9 @@ class PDPPruner:
         if self.schedule.in_warmup:
             fraction = 0.0
         else:
-            if self.budgets is None:
+            if self.schedule.allocation_due:
                 self.budgets = self._allocate()
+                self.schedule.allocated_epoch = int(self.schedule.epoch)
             fraction = self.schedule.ramp_fraction
         temperature = self.config.temperature * self.schedule.temperature_factor
         for name, unit in self.units.items():

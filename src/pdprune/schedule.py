@@ -35,6 +35,8 @@ class ScheduleConfig:
             temperature shrinks geometrically to `anneal_factor` times its value, so that the soft mask
             the network trains with becomes the hard mask of `finalize()` before training ends.
         anneal_factor: the temperature's final fraction when annealing.
+        reallocate: not in the paper, off by default: redo the global allocation at every new epoch of
+            the ramp (as gradual magnitude pruning does at each update) instead of once after warm-up.
         ramp_shape: "linear" (the paper's r_l(e) = min(1, eps * (e - s + 1)) * r_l) or "cubic"
             (1 - (1 - linear)^3, Zhu & Gupta's shape: most of the pruning early, while the network is
             still redundant, and little at the end; not in the PDP paper).
@@ -47,6 +49,7 @@ class ScheduleConfig:
     anneal_end_epoch: float | None = None
     anneal_factor: float = 1e-3
     ramp_shape: str = "linear"
+    reallocate: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
@@ -103,11 +106,22 @@ class ScheduleConfig:
 
 
 class Schedule:
-    """Where training stands in the schedule: the count of `step()` calls, nothing else."""
+    """Where training stands in the schedule: the count of `step()` calls, and the epoch of the last
+    budget allocation."""
 
     def __init__(self, config: ScheduleConfig) -> None:
         self.config = config
         self.steps_done = 0
+        self.allocated_epoch: int | None = None
+
+    @property
+    def allocation_due(self) -> bool:
+        """True once warm-up ends, and with `reallocate` again at each new epoch until the ramp ends."""
+        if self.in_warmup:
+            return False
+        if self.allocated_epoch is None:
+            return True
+        return self.config.reallocate and int(self.epoch) > self.allocated_epoch and self.ramp_fraction < 1.0
 
     @property
     def epoch(self) -> float:
@@ -128,11 +142,12 @@ class Schedule:
     def step(self) -> None:
         self.steps_done += 1
 
-    def state_dict(self) -> dict[str, int]:
-        return {"steps_done": self.steps_done}
+    def state_dict(self) -> dict[str, int | None]:
+        return {"steps_done": self.steps_done, "allocated_epoch": self.allocated_epoch}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, int | None]) -> None:
         self.steps_done = int(state["steps_done"])
+        self.allocated_epoch = state.get("allocated_epoch")
 
 
 def uniform_budgets(sizes: Mapping[str, int], sparsity: float) -> dict[str, float]:
