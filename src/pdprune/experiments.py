@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import statistics
 import time
 import tomllib
@@ -263,17 +264,18 @@ def _plot(groups: dict[tuple, list[dict]], split: str | None, path: Path, title:
         scores = [100 * m["accuracy"][split] for m in members]
         if method == "dense":
             dense = statistics.mean(scores)
-        elif members[0]["structure"] == "unstructured":
-            by_method[method].append((100 * members[0]["target_sparsity"], statistics.mean(scores), statistics.pstdev(scores)))
-    figure, axis = plt.subplots(figsize=(6, 4))
+        elif members[0]["structure"] == "unstructured":  # at the sparsity reached, not the one asked for
+            reached = 100 * statistics.mean(m["achieved_sparsity"] for m in members)
+            by_method[method].append((reached, statistics.mean(scores), statistics.pstdev(scores)))
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for method, points in sorted(by_method.items()):
         points.sort()
         axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
     if dense is not None:
         axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
-    axis.set_xlabel("unstructured sparsity (%)")
+    axis.set_xlabel("sparsity reached, unstructured (%)")
     axis.set_ylabel(f"{split} accuracy (%)")
-    axis.set_title(title, fontsize=9)
+    axis.set_title(textwrap.fill(title, 70), fontsize=8)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
