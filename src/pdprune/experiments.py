@@ -156,7 +156,9 @@ def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path 
             method = build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
         result = train(model, dataset, spec.train, method, checkpoint_path=checkpoint, progress=progress, description=spec.key)
     report = model_sparsity(model)
+    hard_cut = getattr(method, "hard_cut", {})
     row: dict[str, Any] = {
+        "hard_cut_max": max(hard_cut.values(), default=0.0),
         "key": spec.key, "dataset": spec.dataset, "model": spec.model, "method": spec.name, "structure": spec.structure,
         "target_sparsity": spec.sparsity, "seed": spec.seed, "accuracy": result.accuracy,
         "achieved_sparsity": report.sparsity, "train_seconds": result.seconds, "epochs": spec.train.epochs,

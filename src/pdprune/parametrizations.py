@@ -102,9 +102,13 @@ class SoftMask(MaskState):
         """The hard mask (m >= 0.5) at `sparsity` with the exact count: True where a weight stays."""
         raise NotImplementedError
 
+    def soft(self, weight: Tensor, sparsity: float) -> Tensor:
+        """w * m(w) at `sparsity`: what the network computes with before the hard cut."""
+        return weight * self.soft_mask(weight, sparsity)
+
     def finalized(self, weight: Tensor, sparsity: float) -> Tensor:
         """What `finalize()` bakes in: kept weights as the network trained with them (w * m), others 0."""
-        return weight * self.soft_mask(weight, sparsity) * self.keep_mask(weight, sparsity)
+        return self.soft(weight, sparsity) * self.keep_mask(weight, sparsity)
 
 
 class UnstructuredMask(SoftMask):
@@ -272,6 +276,10 @@ class ChannelMask(nn.Module):
         if self.group.sparsity == 0.0:
             return tensor
         return self._scale(tensor, self.group.soft_mask(self.group.sparsity))
+
+    def soft(self, tensor: Tensor, sparsity: float) -> Tensor:
+        """Every channel scaled by its soft mask: what the network computes with before the hard cut."""
+        return self._scale(tensor, self.group.soft_mask(sparsity))
 
     def finalized(self, tensor: Tensor, sparsity: float) -> Tensor:
         """Kept channels as trained (scaled by m), pruned channels exactly 0."""

@@ -29,6 +29,8 @@ from pdprune.attach import attach, check_finite
 __all__ = ["PDPPruner"]
 
 STATE_FORMAT = 1
+HARD_CUT_WARNING = 0.05
+"""finalize() warns when the hard cut removes more than this fraction of a tensor's effective weight energy."""
 
 
 class PDPPruner:
@@ -51,6 +53,7 @@ class PDPPruner:
         self.schedule = Schedule(self.config.schedule)
         self.budgets: dict[str, float] | None = None
         self.finalized = False
+        self.hard_cut: dict[str, float] = {}  # after finalize: fraction of each tensor's effective energy cut
         attached = attach(model, self.config, example_inputs)
         self.units, self.skipped = attached.units, attached.skipped
         self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
@@ -167,14 +170,24 @@ class PDPPruner:
         originals = self._originals()
         check_finite(originals)
         unit_names = {id(unit): name for name, unit in self.units.items()}
-        baked = {}
+        baked, self.hard_cut = {}, {}
         with torch.no_grad():
             for name, (module, tensor_name) in self._tensors.items():
-                value = originals[name]
+                value = soft = originals[name]
                 for mask in module.parametrizations[tensor_name]:
-                    unit = mask.group if isinstance(mask, ChannelMask) else mask
-                    value = mask.finalized(value, self.budgets[unit_names[id(unit)]])
+                    budget = self.budgets[unit_names[id(mask.group if isinstance(mask, ChannelMask) else mask)]]
+                    value, soft = mask.finalized(value, budget), mask.soft(soft, budget)
                 baked[name] = value
+                used = float(soft.square().sum())
+                self.hard_cut[name] = float((soft - value).square().sum()) / used if used > 0 else 0.0
+        worst = max(self.hard_cut, key=self.hard_cut.get, default=None)
+        if worst is not None and self.hard_cut[worst] > HARD_CUT_WARNING:
+            warnings.warn(
+                f"the hard mask removes {100 * self.hard_cut[worst]:.0f}% of the weight energy that {worst!r} computed "
+                "with (its soft mask let pruned weights contribute); expect an accuracy drop. Train with "
+                "ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends",
+                stacklevel=3,
+            )
         return baked
 
     def detach(self) -> nn.Module:
