@@ -8,22 +8,21 @@ Workloads: (a) ResNet-20 at CIFAR shapes, batch 128; (b) four 768-3072-768 MLP b
 `--steps` training steps (forward, backward, optimizer step, mask update) of every method in turn,
 after warm-up steps (which also compile PDP's kernels), so that drift of a shared machine hits all
 methods alike. Reported: median step time over repeats, min-max, ratio of medians to dense, and peak
-memory above dense (CUDA: allocator peak; CPU: peak resident memory of a fresh process per method).
+memory above dense (CUDA: allocator peak; CPU: peak of the profiler's tensor-memory timeline).
 PDP budgets are uniform here: global allocation at initialization can give a layer 100% sparsity,
 whose mask then costs nothing, which would flatter the measurement.
 
-Writes benchmarks/results/step_overhead_<device>.json and .md.
+Writes benchmarks/results/step_overhead_<device>.json and .md (or `--out STEM`.json and .md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
-import resource
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -195,7 +194,9 @@ def measure_times(workload: str, methods: list[str], device: torch.device, steps
 
 
 def peak_memory_mb(workload: str, method: str, device: torch.device, steps: int = 3) -> float:
-    """Peak memory of a few steps: CUDA allocator peak in this process; on CPU, a fresh process's peak RSS."""
+    """Peak tensor memory of a few steps: on CUDA the allocator's peak; on a CPU the peak of the
+    profiler's memory timeline (every tensor allocated and freed on the CPU) over steps after warm-up,
+    which unlike resident memory leaves out the interpreter, compiled code and heap fragmentation."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,17 +205,25 @@ def peak_memory_mb(workload: str, method: str, device: torch.device, steps: int 
             step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) / 2**20
-    output = subprocess.run([sys.executable, __file__, "--memory-of", workload, method], capture_output=True, text=True, check=True).stdout
-    return float(output.strip().splitlines()[-1])
+    step = _setup(workload, method, device)
+    for _ in range(2):
+        step()
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
+        warnings.simplefilter("ignore")  # the timeline's export is deprecated for CUDA, the only replacement
+        with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as profiler:
+            for _ in range(steps):
+                step()
+        timeline = Path(folder) / "memory.json"
+        try:
+            profiler.export_memory_timeline(str(timeline), device="cpu")
+        except AssertionError:  # the profiler cannot trace some in-place rewrites (torch.nn.utils.prune's)
+            return math.nan
+        _, sizes = json.loads(timeline.read_text())
+    return max(sum(categories) for categories in sizes) / 2**20
 
 
-def _peak_resident_mb() -> float:
-    """This process's peak resident memory. VmHWM belongs to the address space, so unlike ru_maxrss it
-    does not inherit the (larger) peak of the parent that spawned us."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _megabytes(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.0f}"
 
 
 def main() -> None:
@@ -224,19 +233,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="result files without suffix (default: benchmarks/results/step_overhead_<device>)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS), metavar="WORKLOAD")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
-    parser.add_argument("--memory-of", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.memory_of:
-        step = _setup(*args.memory_of, device)
-        for _ in range(3):
-            step()
-        print(_peak_resident_mb())
-        return
-
     methods = ["dense", *[m for m in args.methods if m != "dense"]]
     results = {}
     for workload in args.workloads:
@@ -249,22 +251,22 @@ def main() -> None:
             extra = peak_memory_mb(workload, method, device) - dense_memory
             row = {
                 "median_ms": 1e3 * statistics.median(times[method]), "min_ms": 1e3 * min(times[method]), "max_ms": 1e3 * max(times[method]),
-                "ratio_to_dense": statistics.median(times[method]) / dense_time, "extra_peak_memory_mb": extra,
+                "ratio_to_dense": statistics.median(times[method]) / dense_time, "extra_peak_memory_mb": None if math.isnan(extra) else extra,
             }
             results[workload]["methods"][method] = row
             print(f"{workload:44s} {method:48s} {row['median_ms']:9.1f} ms  x{row['ratio_to_dense']:.3f}  {extra:+7.1f} MB", flush=True)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"step_overhead_{device.type}"
+    stem = args.out or RESULTS / f"step_overhead_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(
-        {"args": vars(args), "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1) + "\n")
+        {"args": {**vars(args), "out": str(stem)}, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1) + "\n")
     lines = [f"Training-step time, median of {args.repeats} repeats of {args.steps} steps; {machine}; torch {torch.__version__}", "",
              "| workload | method | step (ms) | min-max (ms) | / dense | peak memory above dense (MB) |", "|---|---|---|---|---|---|"]
     for workload, entry in results.items():
         for method, row in entry["methods"].items():
             lines.append(f"| {workload} | {method} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
-                         f"{row['ratio_to_dense']:.3f} | {row['extra_peak_memory_mb']:+.0f} |")
+                         f"{row['ratio_to_dense']:.3f} | {_megabytes(row['extra_peak_memory_mb'])} |")
         lines.append(f"| {workload} | (one copy of the prunable weights) | | | | {entry['prunable_weights_mb']:.0f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
