@@ -36,8 +36,8 @@ def test_every_method_runs_two_epochs_on_a_tiny_subset(method, structure, sparsi
     assert 0 <= result.accuracy["test"] <= 1
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if structure == "unstructured":
-        expected = sparsity if method != "torch_ao" else sparsity  # the MLP has Linear layers only
-        assert model_sparsity(model).sparsity == pytest.approx(expected, abs=0.01)
+        # the MLP has Linear layers only, so even torch.ao (which skips convolutions) reaches the target
+        assert model_sparsity(model).sparsity == pytest.approx(sparsity, abs=0.01)
     elif structure == "2:4":
         assert all(is_nm_sparse(w, 2, 4) for w in weights)
     else:

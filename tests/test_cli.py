@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdprune.checkpoint import load_checkpoint
-from pdprune.cli import main
+from pdprune.cli import _configs, build_parser, main
 from pdprune.data import load_dataset
 from pdprune.models import build_model
 from pdprune.train import evaluate
@@ -42,6 +42,15 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
         main(["train", "--sparsity", "1.5", "--out", str(tmp_path), "--quiet", "--no-dense"])
     assert exit_info.value.code == 2
     assert "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_schedule_options_reach_the_pruning_config(capsys):
+    args = build_parser().parse_args(["train", "--epochs", "30", "--ramp-shape", "cubic", "--anneal-end-epoch", "28"])
+    _, pruning = _configs(args, steps_per_epoch=5)
+    assert (pruning.schedule.ramp_shape, pruning.schedule.anneal_end_epoch, pruning.schedule.steps_per_epoch) == ("cubic", 28, 5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--ramp-shape", "exponential"])
+    assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -20,7 +20,7 @@ from pdprune.models import MODELS, build_model, load_pretrained
 from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig
 from pdprune.pruner import PDPPruner
 from pdprune.report import plot_sparsity, state_dict_sparsity
-from pdprune.schedule import ALLOCATIONS, ScheduleConfig
+from pdprune.schedule import ALLOCATIONS, RAMP_SHAPES, ScheduleConfig
 from pdprune.structure import compact, count_macs_and_parameters, save_compacted
 from pdprune.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, train
 
@@ -48,6 +48,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     pruning.add_argument("--temperature-mode", default="relative", choices=TEMPERATURE_MODES, help="default: %(default)s")
     pruning.add_argument("--warmup-epochs", type=float, default=None, help=f"dense epochs first (default: {100 * WARMUP_FRACTION:.0f}%% of --epochs)")
     pruning.add_argument("--ramp-end-epoch", type=float, default=None, help=f"epoch at which the target is reached (default: {100 * RAMP_END_FRACTION:.0f}%% of --epochs)")
+    pruning.add_argument("--ramp-shape", default="linear", choices=RAMP_SHAPES,
+                         help="'linear' (the paper) or 'cubic' (better on short budgets; README, the study) (default: %(default)s)")
+    pruning.add_argument("--anneal-end-epoch", type=float, default=None,
+                         help="shrink tau after the ramp until this epoch, so the soft mask is hard before the end (advised for channels)")
     pruning.add_argument("--include", action="append", default=[], metavar="PATTERN", help="prune only modules matching (repeatable)")
     pruning.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune modules matching (repeatable)")
     training = parser.add_argument_group("training")
@@ -77,7 +81,8 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
         temperature=args.temperature, temperature_mode=args.temperature_mode,
         layer_structures=_layer_structures(args.layer_structure), on_incompatible=args.on_incompatible,
         include=tuple(args.include), exclude=tuple(args.exclude),
-        schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch),
+        schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch,
+                                ramp_shape=args.ramp_shape, anneal_end_epoch=args.anneal_end_epoch),
     )
     return train_config, pruning_config
 
@@ -164,7 +169,7 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    weights, metadata = read_state_dict(args.model)
+    weights, _ = read_state_dict(args.model)
     report = state_dict_sparsity(weights)
     if not report.layers:
         raise ValueError(f"{args.model} holds no weight matrix or filter bank to report on")
