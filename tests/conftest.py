@@ -21,7 +21,7 @@ def seed() -> int:
 @pytest.fixture
 def data_dir() -> Path:
     """The real data (`PDPRUNE_DATA` or ../shared/data). Missing data fails in CI and skips elsewhere."""
-    directory = Path(os.environ.get("PDPRUNE_DATA") or SHARED_DATA)
+    directory = Path(os.environ.get("PDPRUNE_DATA") or SHARED_DATA).resolve()  # tests link to it from elsewhere
     if not directory.is_dir():
         message = f"real data not found at {directory}; set PDPRUNE_DATA"
         if os.environ.get("CI") == "true":
