@@ -50,7 +50,6 @@ class TorchPruningChannels(Baseline):
         self._rezero()
 
     def _prune_event(self) -> None:
-
         for group in self.pruner.step(interactive=True):
             for item in group:
                 module, handler = item.dep.target.module, item.dep.handler
