@@ -99,16 +99,21 @@ class StraightforwardPruner:
         pass
 
 
-class TorchPrunePerStep:
-    """torch.nn.utils.prune's L1 mask, recomputed every step (remove, then prune again)."""
+class TorchPrune:
+    """torch.nn.utils.prune's L1 mask, recomputed every step (remove, then prune again) or, with
+    `recompute=False`, fixed: then a step pays only for w·mask forward and grad·mask backward, the floor
+    of any mask applied to the weights during training, whatever computes it."""
 
-    def __init__(self, model: nn.Module, sparsity: float) -> None:
+    def __init__(self, model: nn.Module, sparsity: float, recompute: bool = True) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, PRUNABLE)]
         self.sparsity = sparsity
+        self.recompute = recompute
         for module in self.layers:
             prune.l1_unstructured(module, "weight", amount=sparsity)
 
     def step(self) -> None:
+        if not self.recompute:
+            return
         for module in self.layers:
             prune.remove(module, "weight")
             prune.l1_unstructured(module, "weight", amount=self.sparsity)
@@ -145,7 +150,8 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor], object | None]] = {
     "PDP 2:4": _pdp("2:4", 0.5),
     "PDP channel 50%": _pdp("channel", 0.5),
     "torch.ao WeightNorm 90%, per step (Linear only)": lambda model, example: TorchAOPerStep(model, 0.9),
-    "torch.nn.utils.prune L1 90%, per step": lambda model, example: TorchPrunePerStep(model, 0.9),
+    "torch.nn.utils.prune L1 90%, per step": lambda model, example: TorchPrune(model, 0.9),
+    "fixed mask, never updated (floor of any mask)": lambda model, example: TorchPrune(model, 0.9, recompute=False),
 }
 
 

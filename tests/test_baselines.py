@@ -81,3 +81,27 @@ def test_methods_create_their_state_on_the_model_s_device(method, structure):
     devices = {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]}
     assert devices == {"meta"}, devices
     assert pruner is not None
+
+
+@pytest.mark.parametrize("method,structure,sparsity", [case for case in CASES if case[0] != "torch_ao"])
+def test_every_convolution_method_trains_in_the_channels_last_layout(method, structure, sparsity):
+    data = load_dataset("digits").subset(64, 32)
+    torch.manual_seed(0)
+    model = build_model("resnet20", data.input_shape, data.num_classes)
+    spec = MethodSpec(sparsity, structure, warmup_epochs=0.5, ramp_end_epoch=1.0, steps_per_epoch=data.steps_per_epoch(32))
+    example = data.train_inputs[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "pdp":
+            schedule = ScheduleConfig(warmup_epochs=0.5, ramp_end_epoch=1.0, steps_per_epoch=spec.steps_per_epoch)
+            pruner = PDPPruner(model, PruningConfig(sparsity=sparsity, structure=structure, schedule=schedule), example_inputs=example)
+        else:
+            pruner = build_baseline(method, model, spec, example)
+        train(model, data, TrainConfig(epochs=1, batch_size=32, channels_last=True), pruner, progress=False)
+    convolutions = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if structure == "unstructured":
+        assert model_sparsity(model).sparsity == pytest.approx(sparsity, abs=0.01)
+    elif structure == "2:4":
+        assert sum(is_nm_sparse(w, 2, 4) for w in convolutions) == len(convolutions) - 1  # the stem has 1 input channel
+    else:
+        assert sum(int((w.detach().flatten(1).abs().sum(dim=1) == 0).sum()) for w in convolutions) > 0  # channels zeroed

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
-
-
-class SimulatedCrash(RuntimeError):
-    """Stands for a crash or a kill in the middle of a run."""
 import torch
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig
 from pdprune.data import load_dataset
 from pdprune.models import build_model
 from pdprune.train import TrainConfig, train
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands for a crash or a kill in the middle of a run."""
 
 
 def _run(tmp_path, epochs, checkpoint=None, interrupt_after=None):
@@ -50,3 +53,30 @@ def test_train_config_errors():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'adamw'\), got 'lion'"):
         TrainConfig(optimizer="lion")
+
+
+def test_channels_last_trains_the_same_model_in_the_faster_layout():
+    digits = load_dataset("digits").subset(64, 100)  # two steps: rounding differences grow chaotically over many
+    torch.manual_seed(0)
+    initial = build_model("resnet20", digits.input_shape, digits.num_classes)
+    models, results = [], []
+    for channels_last in (False, True):
+        model = copy.deepcopy(initial)
+        schedule = ScheduleConfig(warmup_epochs=0, ramp_end_epoch=1, steps_per_epoch=digits.steps_per_epoch(32))
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.8, schedule=schedule), example_inputs=digits.train_inputs[:2])
+        results.append(train(model, digits, TrainConfig(epochs=1, batch_size=32, channels_last=channels_last), pruner, progress=False))
+        models.append(model)
+    convolution_weights = [p for p in models[1].parameters() if p.dim() == 4]
+    assert convolution_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolution_weights)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a == 0, b == 0)  # the same weights pruned
+    assert results[0].accuracy == results[1].accuracy
+
+
+def test_channels_last_refuses_non_image_inputs():
+    digits = load_dataset("digits").subset(64, 32)
+    flat = dataclasses.replace(digits, train_inputs=digits.train_inputs.flatten(1))
+    model = build_model("mlp", (64,), flat.num_classes)
+    with pytest.raises(ValueError, match=r"channels_last needs image inputs .*\(64, 64\); set channels_last=False"):
+        train(model, flat, TrainConfig(epochs=1, channels_last=True), progress=False)

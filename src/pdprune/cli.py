@@ -63,6 +63,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES, help="default: %(default)s")
     training.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     training.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    training.add_argument("--channels-last", action="store_true", help="NHWC layout for image models (faster convolutions on CPU)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<dataset>-<model>-<time>)")
     output.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
@@ -72,7 +73,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfig, PruningConfig]:
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr,
-        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed, channels_last=args.channels_last,
     )
     warmup = args.warmup_epochs if args.warmup_epochs is not None else round(WARMUP_FRACTION * args.epochs, 2)
     ramp_end = args.ramp_end_epoch if args.ramp_end_epoch is not None else max(warmup, round(RAMP_END_FRACTION * args.epochs, 2))

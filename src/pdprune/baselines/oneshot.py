@@ -23,6 +23,8 @@ class OneShotMagnitude(Baseline):
             self._prune()
 
     def _prune(self) -> None:
+        for layer in self.layers.values():  # the peer flattens weights with view(), which channels-last ones refuse
+            layer.weight.data = layer.weight.data.contiguous()
         prune.global_unstructured([(m, "weight") for m in self.layers.values()], pruning_method=prune.L1Unstructured, amount=self.spec.sparsity)
         self.pruned = True
 
