@@ -78,11 +78,13 @@ BAND_ROW = 64
 
 
 def _band_rows(rows: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One pass over (r, BAND_ROW) weights: count of squares below `low`; per row, how many squares lie
-    in [low, high] and the smallest of them (inf if none)."""
+    """One pass over (r, BAND_ROW) weights: per row, how many squares lie below `low`, how many in
+    [low, high], and the smallest of those (inf if none). Counts in the weights' float type (exact up
+    to BAND_ROW), which vectorizes better than integer counts (benchmarks/mask_cost.py: threshold)."""
     squares = rows * rows
     inside = (squares >= low) & (squares <= high)
-    return (squares < low).sum(), inside.sum(dim=1), torch.where(inside, squares, torch.inf).amin(dim=1)
+    counts_below = (squares < low).to(rows.dtype).sum(dim=1)
+    return counts_below, inside.to(rows.dtype).sum(dim=1), torch.where(inside, squares, torch.inf).amin(dim=1)
 
 
 def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float) -> tuple[Tensor, Tensor, int] | None:
@@ -97,7 +99,8 @@ def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float) 
     flat = weight.detach().reshape(-1)
     body = flat.numel() - flat.numel() % BAND_ROW
     low_t, high_t = torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype)
-    below, counts, minimums = _BAND(flat[:body].view(-1, BAND_ROW), low_t, high_t)  # (), (r,), (r,)
+    below_per_row, counts, minimums = _BAND(flat[:body].view(-1, BAND_ROW), low_t, high_t)  # (r,) each
+    below = below_per_row.sum(dtype=torch.float64)  # exact: integers far below 2^53
     crowded = (counts > 1).nonzero().squeeze(1)
     crowded_squares = flat[:body].view(-1, BAND_ROW)[crowded].square().reshape(-1)
     tail = flat[body:].square()
