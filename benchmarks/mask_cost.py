@@ -24,19 +24,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from step_overhead import AT_TARGET, PRUNABLE, RESULTS, WORKLOADS, _setup, _synchronize
 
 from pdprune import PDPPruner, PruningConfig
 from pdprune.masks import pruned_count
-from step_overhead import AT_TARGET, PRUNABLE, RESULTS, WORKLOADS, _setup, _synchronize
 
 PARTS = ("fixed mask: forward", "fixed mask: backward", "PDP: threshold", "PDP: forward", "PDP: backward")
 
 
-def _timed(device: torch.device, action: Callable[[], object]) -> tuple[float, object]:
+def _timed(device: torch.device, action: Callable[..., object], *args: object) -> tuple[float, object]:
     _synchronize(device)
     started = time.perf_counter()
-    result = action()
+    result = action(*args)
     _synchronize(device)
     return time.perf_counter() - started, result
 
@@ -61,14 +60,13 @@ def measure(workload: str, device: torch.device, repeats: int, warmup: int) -> d
             seconds[part] = 0.0
         for (mask, weight), gradient, fixed_mask in zip(masks, gradients, fixed):
             pruned = pruned_count(mask.sparsity, weight.numel())
-            elapsed, _ = _timed(device, lambda: mask.threshold(weight, pruned))
-            seconds["PDP: threshold"] += elapsed
-            elapsed, output = _timed(device, lambda: mask(weight))  # the threshold is cached by now
+            seconds["PDP: threshold"] += _timed(device, mask.threshold, weight, pruned)[0]
+            elapsed, output = _timed(device, mask, weight)  # the threshold is cached by now
             seconds["PDP: forward"] += elapsed
-            seconds["PDP: backward"] += _timed(device, lambda: output.backward(gradient))[0]
-            elapsed, output = _timed(device, lambda: weight * fixed_mask)
+            seconds["PDP: backward"] += _timed(device, torch.autograd.backward, output, gradient)[0]
+            elapsed, output = _timed(device, torch.mul, weight, fixed_mask)
             seconds["fixed mask: forward"] += elapsed
-            seconds["fixed mask: backward"] += _timed(device, lambda: output.backward(gradient))[0]
+            seconds["fixed mask: backward"] += _timed(device, torch.autograd.backward, output, gradient)[0]
             weight.grad = None
         if repeat >= warmup:
             for name, value in seconds.items():
