@@ -15,8 +15,6 @@ Writes benchmarks/results/mask_cost_<device>.json and .md (or `--out STEM`.json 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -24,7 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from step_overhead import AT_TARGET, PRUNABLE, RESULTS, WORKLOADS, _setup, _synchronize
+from step_overhead import (
+    AT_TARGET,
+    PRUNABLE,
+    RESULTS,
+    WORKLOADS,
+    _setup,
+    _synchronize,
+    machine_name,
+    save,
+)
 
 from pdprune import PDPPruner, PruningConfig
 from pdprune.masks import pruned_count
@@ -97,18 +104,13 @@ def main() -> None:
         for name, row in results[workload].items():
             print(f"{workload:44s} {name:22s} {row['median_ms']:8.1f} ms  {100 * row['of_dense_step']:6.1f}% of the dense step", flush=True)
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    stem = args.out or RESULTS / f"mask_cost_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"args": {**vars(args), "out": str(stem)}, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1) + "\n")
+    machine = machine_name(device, args.threads)
     lines = [f"Cost of masking all prunable weights per training step, median of {args.repeats} repeats; {machine}; torch {torch.__version__}", "",
              "| workload | part | ms per step | % of the dense step |", "|---|---|---|---|"]
     for workload, rows in results.items():
         for name, row in rows.items():
             lines.append(f"| {workload} | {name} | {row['median_ms']:.1f} | {100 * row['of_dense_step']:.1f}% |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    save(args.out or RESULTS / f"mask_cost_{device.type}", args, machine, results, lines)
 
 if __name__ == "__main__":
     main()

@@ -228,6 +228,19 @@ def peak_memory_mb(workload: str, method: str, device: torch.device, steps: int 
     return max(sum(categories) for categories in sizes) / 2**20
 
 
+def machine_name(device: torch.device, threads: int) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {threads} threads"
+
+
+def save(stem: Path, args: argparse.Namespace, machine: str, results: dict, lines: list[str]) -> None:
+    """Write `results` with the run's arguments to `stem`.json and the Markdown `lines` to `stem`.md; print them."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"args": {**vars(args), "out": str(stem)}, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _megabytes(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.0f}"
 
@@ -262,11 +275,7 @@ def main() -> None:
             results[workload]["methods"][method] = row
             print(f"{workload:44s} {method:48s} {row['median_ms']:9.1f} ms  x{row['ratio_to_dense']:.3f}  {extra:+7.1f} MB", flush=True)
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    RESULTS.mkdir(exist_ok=True)
-    stem = args.out or RESULTS / f"step_overhead_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"args": {**vars(args), "out": str(stem)}, "machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1) + "\n")
+    machine = machine_name(device, args.threads)
     lines = [f"Training-step time, median of {args.repeats} repeats of {args.steps} steps; {machine}; torch {torch.__version__}", "",
              "| workload | method | step (ms) | min-max (ms) | / dense | peak memory above dense (MB) |", "|---|---|---|---|---|---|"]
     for workload, entry in results.items():
@@ -274,8 +283,7 @@ def main() -> None:
             lines.append(f"| {workload} | {method} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
                          f"{row['ratio_to_dense']:.3f} | {_megabytes(row['extra_peak_memory_mb'])} |")
         lines.append(f"| {workload} | (one copy of the prunable weights) | | | | {entry['prunable_weights_mb']:.0f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(args.out or RESULTS / f"step_overhead_{device.type}", args, machine, results, lines)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,23 @@ CASES = [("gmp", "unstructured", 0.8), ("torch_ao", "unstructured", 0.8), ("ones
          ("torch_pruning", "channel", 0.5), ("srste", "2:4", 0.5), ("pdp", "unstructured", 0.8), ("pdp", "2:4", 0.5), ("pdp", "channel", 0.5)]
 
 
+def _method(method: str, model: torch.nn.Module, data, structure: str, sparsity: float, ramp_end_epoch: float):
+    """PDP or a baseline on `model`, warm-up half an epoch, batches of 32."""
+    spec = MethodSpec(sparsity, structure, warmup_epochs=0.5, ramp_end_epoch=ramp_end_epoch, steps_per_epoch=data.steps_per_epoch(32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "pdp":
+            schedule = ScheduleConfig(warmup_epochs=0.5, ramp_end_epoch=ramp_end_epoch, steps_per_epoch=spec.steps_per_epoch)
+            return PDPPruner(model, PruningConfig(sparsity=sparsity, structure=structure, schedule=schedule), example_inputs=data.train_inputs[:2])
+        return build_baseline(method, model, spec, data.train_inputs[:2])
+
+
 @pytest.mark.parametrize("method,structure,sparsity", CASES)
 def test_every_method_runs_two_epochs_on_a_tiny_subset(method, structure, sparsity):
     data = load_dataset("digits").subset(256, 64)
     torch.manual_seed(0)
     model = build_model("mlp", data.input_shape, data.num_classes)
-    spec = MethodSpec(sparsity, structure, warmup_epochs=0.5, ramp_end_epoch=1.5, steps_per_epoch=data.steps_per_epoch(32))
-    example = data.train_inputs[:2]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if method == "pdp":
-            schedule = ScheduleConfig(warmup_epochs=0.5, ramp_end_epoch=1.5, steps_per_epoch=spec.steps_per_epoch)
-            pruner = PDPPruner(model, PruningConfig(sparsity=sparsity, structure=structure, schedule=schedule), example_inputs=example)
-        else:
-            pruner = build_baseline(method, model, spec, example)
+    pruner = _method(method, model, data, structure, sparsity, ramp_end_epoch=1.5)
     result = train(model, data, TrainConfig(epochs=2, batch_size=32), pruner, progress=False)
     assert 0 <= result.accuracy["test"] <= 1
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -88,15 +91,9 @@ def test_every_convolution_method_trains_in_the_channels_last_layout(method, str
     data = load_dataset("digits").subset(64, 32)
     torch.manual_seed(0)
     model = build_model("resnet20", data.input_shape, data.num_classes)
-    spec = MethodSpec(sparsity, structure, warmup_epochs=0.5, ramp_end_epoch=1.0, steps_per_epoch=data.steps_per_epoch(32))
-    example = data.train_inputs[:2]
+    pruner = _method(method, model, data, structure, sparsity, ramp_end_epoch=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if method == "pdp":
-            schedule = ScheduleConfig(warmup_epochs=0.5, ramp_end_epoch=1.0, steps_per_epoch=spec.steps_per_epoch)
-            pruner = PDPPruner(model, PruningConfig(sparsity=sparsity, structure=structure, schedule=schedule), example_inputs=example)
-        else:
-            pruner = build_baseline(method, model, spec, example)
         train(model, data, TrainConfig(epochs=1, batch_size=32, channels_last=True), pruner, progress=False)
     convolutions = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if structure == "unstructured":

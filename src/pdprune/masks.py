@@ -80,7 +80,7 @@ BAND_ROW = 64
 def _band_rows(rows: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One pass over (r, BAND_ROW) weights: per row, how many squares lie below `low`, how many in
     [low, high], and the smallest of those (inf if none). Counts in the weights' float type (exact up
-    to BAND_ROW), which vectorizes better than integer counts (benchmarks/mask_cost.py: threshold)."""
+    to BAND_ROW), which vectorizes better than integer counts."""
     squares = rows * rows
     inside = (squares >= low) & (squares <= high)
     counts_below = (squares < low).to(rows.dtype).sum(dim=1)
