@@ -227,7 +227,7 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
         return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
     def order(item: tuple[tuple, list[dict]]) -> tuple:
-        (setting, method), members = item
+        (_, method), members = item
         structure = members[0]["structure"]
         rank = 0 if method == "dense" else 1 if structure == "unstructured" else 2 if structure != "channel" else 3
         return rank, members[0]["target_sparsity"], structure, not method.startswith("pdp"), method != "pdp", method

@@ -93,7 +93,7 @@ def _from_tarball(path: Path) -> Dataset:
     return Dataset(
         "cifar10",
         _normalize(np.concatenate([images(b) for b in train])),
-        torch.tensor(sum((list(b[b"labels"]) for b in train), []), dtype=torch.long),
+        torch.tensor(np.concatenate([b[b"labels"] for b in train]), dtype=torch.long),
         {"test": (_normalize(images(batches["test_batch"])), torch.tensor(batches["test_batch"][b"labels"], dtype=torch.long))},
         num_classes=10,
         augment=random_crop_flip,
