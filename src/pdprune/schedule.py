@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pdprune.masks import pruned_count
-
 __all__ = ["ScheduleConfig", "Schedule", "global_budgets", "lamp_budgets", "uniform_budgets", "ALLOCATIONS"]
 
 ALLOCATIONS = ("global", "uniform", "lamp")
@@ -172,7 +170,7 @@ def global_budgets(squared_magnitudes: Mapping[str, Tensor], sparsity: float) ->
     """
     flat = {name: values.detach().flatten() for name, values in squared_magnitudes.items()}
     total = sum(values.numel() for values in flat.values())
-    pruned = pruned_count(sparsity, total)
+    pruned = int(round(sparsity * total))
     if pruned == 0:
         return {name: 0.0 for name in flat}
     # The pruned-th smallest value over the whole model: one selection, then counts per tensor.
