@@ -112,5 +112,6 @@ def main() -> None:
             lines.append(f"| {workload} | {name} | {row['median_ms']:.1f} | {100 * row['of_dense_step']:.1f}% |")
     save(args.out or RESULTS / f"mask_cost_{device.type}", args, machine, results, lines)
 
+
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """What the per-epoch accuracies of a benchmark grid show: per method and setting, the lowest accuracy
-after warm-up (where the ramp hurts) and the hard cut's cost (accuracy after `finalize()` minus the soft
-model's at the last epoch). The README's study quotes these.
+after warm-up (where the ramp hurts), the soft model's accuracy at the last epoch, the hard cut's cost
+(accuracy after `finalize()` minus that) and the largest share of a tensor's weight energy the hard cut
+removed (`PDPPruner.hard_cut`; n/a for runs recorded before it). The README's study quotes these.
 
     python benchmarks/study_histories.py benchmarks/results/quick benchmarks/results/quick_study
 """
@@ -25,13 +26,17 @@ def main() -> None:
             split, final = next(iter(run["accuracy"].items()))
             history = [epoch[f"{split}_accuracy"] for epoch in run["history"]]
             setting = run["structure"] if run["structure"] != "unstructured" else f"{100 * run['target_sparsity']:g}%"
-            rows[(folder.name, run["method"], setting)].append((min(history[args.after_epoch :]), final - history[-1]))
-    print(f"| grid | method | setting | seeds | lowest accuracy from epoch {args.after_epoch + 1} (%) | hard cut - soft model (points) |")
-    print("|---|---|---|---|---|---|")
+            energy = run.get("hard_cut_max")
+            rows[(folder.name, run["method"], setting)].append((
+                f"{100 * min(history[args.after_epoch :]):.1f}", f"{100 * history[-1]:.2f}", f"{100 * (final - history[-1]):+.2f}",
+                "n/a" if energy is None else f"{100 * energy:.2f}",
+            ))
+    print(f"| grid | method | setting | seeds | lowest accuracy from epoch {args.after_epoch + 1} (%) | soft model, last epoch (%) "
+          "| hard cut - soft model (points) | weight energy the hard cut removed (max, %) |")
+    print("|---|---|---|---|---|---|---|---|")
     for (grid, method, setting), runs in sorted(rows.items()):
-        lowest = ", ".join(f"{100 * low:.1f}" for low, _ in runs)
-        cuts = ", ".join(f"{100 * cut:+.2f}" for _, cut in runs)
-        print(f"| {grid} | {method} | {setting} | {len(runs)} | {lowest} | {cuts} |")
+        columns = [", ".join(values) for values in zip(*runs)]
+        print(f"| {grid} | {method} | {setting} | {len(runs)} | " + " | ".join(columns) + " |")
 
 
 if __name__ == "__main__":
