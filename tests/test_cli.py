@@ -53,6 +53,21 @@ def test_schedule_options_reach_the_pruning_config(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
+def test_structured_pruning_anneals_by_default_and_unstructured_keeps_the_paper_s_form():
+    def anneal_end(*arguments):
+        _, pruning = _configs(build_parser().parse_args(["train", "--epochs", "10", *arguments]), steps_per_epoch=5)
+        return pruning.schedule.anneal_end_epoch
+
+    assert anneal_end() is None
+    assert anneal_end("--structure", "2:4") == 9 and anneal_end("--structure", "channel") == 9
+    assert anneal_end("--layer-structure", "fc*=1:4") == 9
+    assert anneal_end("--structure", "channel", "--ramp-end-epoch", "9.5") == 9.75
+    assert anneal_end("--structure", "channel", "--no-anneal") is None
+    assert anneal_end("--structure", "channel", "--anneal-end-epoch", "8") == 8
+    with pytest.raises(ValueError, match="give --anneal-end-epoch or --no-anneal, not both"):
+        anneal_end("--anneal-end-epoch", "8", "--no-anneal")
+
+
 def test_console_script_is_installed():
     executable = shutil.which("pdprune", path=str(Path(sys.executable).parent))
     assert executable is not None, "pip install -e . provides the pdprune command next to python"

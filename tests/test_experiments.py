@@ -94,3 +94,15 @@ def test_every_shipped_grid_config_loads():
     for path in configs:
         grid = load_grid(path)
         assert grid.runs and all(run.dataset == grid.config["dataset"] for run in grid.runs)
+
+
+def test_runs_of_batchnorm_models_also_report_accuracy_with_fresh_statistics(tmp_path):
+    grid_text = GRID.replace('model = "mlp"', 'model = "resnet20"').replace("seeds = [0, 1]", "seeds = [0]").replace("train_limit = 300", "train_limit = 64")
+    grid_text = grid_text.split("[[runs]]")[0] + '[[runs]]\nmethods = ["pdp"]\nstructure = "channel"\nsparsities = [0.5]\n'
+    (tmp_path / "grid.toml").write_text(grid_text)
+    [spec] = load_grid(tmp_path / "grid.toml").runs
+    row = experiments.run_one(spec, None)
+    assert set(row["accuracy_bn_recalibrated"]) == set(row["accuracy"])
+    table = summarize([row], tmp_path, "bn")
+    assert "BatchNorm re-estimated (%)" in table
+    assert f"| {100 * row['accuracy_bn_recalibrated']['test']:.2f} |" in table

@@ -9,7 +9,7 @@ import torch
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig
 from pdprune.data import load_dataset
 from pdprune.models import build_model
-from pdprune.train import TrainConfig, train
+from pdprune.train import TrainConfig, recalibrate_batchnorm, train
 
 
 class SimulatedCrash(RuntimeError):
@@ -80,3 +80,22 @@ def test_channels_last_refuses_non_image_inputs():
     model = build_model("mlp", (64,), flat.num_classes)
     with pytest.raises(ValueError, match=r"channels_last needs image inputs .*\(64, 64\); set channels_last=False"):
         train(model, flat, TrainConfig(epochs=1, channels_last=True), progress=False)
+
+
+def test_batchnorm_recalibration_replaces_the_running_statistics_with_the_data_s():
+    digits = load_dataset("digits").subset(200, 50)
+    torch.manual_seed(0)
+    model = build_model("resnet20", digits.input_shape, digits.num_classes)
+    first_norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_norm.running_mean.fill_(5.0)  # stale statistics, as after a hard cut
+    assert recalibrate_batchnorm(model.eval(), digits, batch_size=len(digits.train_inputs), num_batches=1)
+    with torch.no_grad():
+        activations = first_conv(digits.train_inputs)
+    torch.testing.assert_close(first_norm.running_mean, activations.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first_norm.running_var, activations.var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not model.training  # left in the mode it was in
+    mlp = build_model("mlp", digits.input_shape, digits.num_classes)
+    before = copy.deepcopy(mlp.state_dict())
+    assert not recalibrate_batchnorm(mlp, digits)
+    assert all(torch.equal(before[key], value) for key, value in mlp.state_dict().items())

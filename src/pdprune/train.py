@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.data.dataset import Dataset, batches
 
-__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate"]
+__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate", "recalibrate_batchnorm"]
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
@@ -83,6 +84,22 @@ def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
             correct += int((model(x).argmax(dim=1) == y).sum())
     model.train(was_training)
     return correct / len(inputs)
+
+
+def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 128, num_batches: int = 100, seed: int = 0) -> bool:
+    """Re-estimate every BatchNorm's running mean and variance on `num_batches` training batches.
+
+    A hard cut (PDP's `finalize()`, one-shot pruning) changes the activations that the running
+    statistics were averaged over while training; fresh statistics give back part of the lost accuracy.
+    Uses `torch.optim.swa_utils.update_bn`. Returns False (and changes nothing) for a model without
+    BatchNorm.
+    """
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return False
+    generator = torch.Generator().manual_seed(seed)
+    sample = batches(dataset.train_inputs, dataset.train_labels, batch_size, generator, dataset.augment)
+    torch.optim.swa_utils.update_bn(itertools.islice(sample, num_batches), model, device=next(model.parameters()).device)
+    return True
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
