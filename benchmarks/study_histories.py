@@ -4,6 +4,7 @@ after warm-up (where the ramp hurts), the soft model's accuracy at the last epoc
 removed (`PDPPruner.hard_cut`; n/a for runs recorded before it). The README's study quotes these.
 
     python benchmarks/study_histories.py benchmarks/results/quick benchmarks/results/quick_study
+    python benchmarks/study_histories.py benchmarks/results/cifar10_resnet56_pretrained --after-epoch 0
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ def main() -> None:
             split, final = next(iter(run["accuracy"].items()))
             history = [epoch[f"{split}_accuracy"] for epoch in run["history"]]
             setting = run["structure"] if run["structure"] != "unstructured" else f"{100 * run['target_sparsity']:g}%"
-            energy = run.get("hard_cut_max")
+            energy, later = run.get("hard_cut_max"), history[args.after_epoch :]
             rows[(folder.name, run["method"], setting)].append((
-                f"{100 * min(history[args.after_epoch :]):.1f}", f"{100 * history[-1]:.2f}", f"{100 * (final - history[-1]):+.2f}",
+                f"{100 * min(later):.1f}" if later else "n/a", f"{100 * history[-1]:.2f}", f"{100 * (final - history[-1]):+.2f}",
                 "n/a" if energy is None else f"{100 * energy:.2f}",
             ))
     print(f"| grid | method | setting | seeds | lowest accuracy from epoch {args.after_epoch + 1} (%) | soft model, last epoch (%) "

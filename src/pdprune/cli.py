@@ -52,7 +52,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     pruning.add_argument("--warmup-epochs", type=float, default=None, help=f"dense epochs first (default: {100 * WARMUP_FRACTION:.0f}%% of --epochs)")
     pruning.add_argument("--ramp-end-epoch", type=float, default=None, help=f"epoch at which the target is reached (default: {100 * RAMP_END_FRACTION:.0f}%% of --epochs)")
     pruning.add_argument("--ramp-shape", default="linear", choices=RAMP_SHAPES,
-                         help="'linear' (the paper) or 'cubic' (better on short budgets; README, the study) (default: %(default)s)")
+                         help="'linear' (the paper) or 'cubic' (better at 95%%+ on short budgets; README, the study) (default: %(default)s)")
     pruning.add_argument("--anneal-end-epoch", type=float, default=None,
                          help="shrink tau after the ramp until this epoch, so the soft mask is hard before the end "
                               f"(default: {100 * ANNEAL_END_FRACTION:.0f}%% of --epochs for N:M and channel structures, none for unstructured)")
