@@ -241,7 +241,7 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
         header.append("parameters")
     recalibrated = splits and any("accuracy_bn_recalibrated" in row for row in rows)
     if recalibrated:
-        header.append(f"{splits[0]}, BatchNorm re-estimated (%)")
+        header += [f"{split}, BatchNorm re-estimated (%)" for split in splits]
     lines = [f"{title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (setting, method), members in groups.items():
         cells = [setting, method, str(len(members))]
@@ -250,8 +250,9 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
         if "parameters" in header:
             cells.append(f"{members[0]['parameters']:,}" if "parameters" in members[0] else "")
         if recalibrated:
-            scores = [100 * m["accuracy_bn_recalibrated"][splits[0]] for m in members if "accuracy_bn_recalibrated" in m]
-            cells.append(mean_std(scores) if len(scores) == len(members) else "n/a")
+            for split in splits:
+                scores = [100 * m["accuracy_bn_recalibrated"][split] for m in members if "accuracy_bn_recalibrated" in m]
+                cells.append(mean_std(scores) if len(scores) == len(members) else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(table)
