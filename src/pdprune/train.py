@@ -91,8 +91,8 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
 
     A hard cut (PDP's `finalize()`, one-shot pruning) changes the activations that the running
     statistics were averaged over while training, so fresh statistics may give back part of the lost
-    accuracy (the benchmark harness reports both). Uses `torch.optim.swa_utils.update_bn`. Returns False (and changes nothing) for a model without
-    BatchNorm.
+    accuracy (the benchmark harness reports both). Uses `torch.optim.swa_utils.update_bn`. Returns
+    False (and changes nothing) for a model without BatchNorm.
     """
     if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
         return False
