@@ -186,7 +186,8 @@ class PDPPruner:
             warnings.warn(
                 f"the hard mask removes {100 * self.hard_cut[worst]:.0f}% of the weight energy that {worst!r} computed "
                 "with (its soft mask let pruned weights contribute); expect an accuracy drop. Train with "
-                "ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends",
+                "ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends; for a model "
+                "with BatchNorm already trained, re-estimating its statistics (torch.optim.swa_utils.update_bn) recovers part",
                 stacklevel=3,
             )
         return baked
