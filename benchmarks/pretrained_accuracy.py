@@ -8,29 +8,26 @@ Writes benchmarks/results/pretrained_accuracy.md.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from pdprune.data import load_dataset
+from pdprune.data import data_dir, load_dataset
 from pdprune.models import build_model, load_pretrained
-from pdprune.train import evaluate
+from pdprune.train import evaluate_splits
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    data_dir = Path(os.environ.get("PDPRUNE_DATA", "../shared/data"))
-    cifar = load_dataset("cifar10", data_dir)
-    splits = list(cifar.evaluations)
-    lines = ["| model | " + " | ".join(f"{split} accuracy (%)" for split in splits) + " |", "|---|" + "---|" * len(splits)]
-    for path in sorted((data_dir / "resnet_cifar10_akamaster").glob("resnet*.th")):
+    cifar = load_dataset("cifar10")
+    lines = ["| model | " + " | ".join(f"{split} accuracy (%)" for split in cifar.evaluations) + " |", "|---|" + "---|" * len(cifar.evaluations)]
+    print("\n".join(lines))
+    for path in sorted((data_dir() / "resnet_cifar10_akamaster").glob("resnet*.th")):
         name = path.name.split("-")[0]
         model = load_pretrained(build_model(name, cifar.input_shape, cifar.num_classes), path)
-        lines.append(f"| {name} | " + " | ".join(f"{100 * evaluate(model, *cifar.evaluations[split]):.2f}" for split in splits) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * accuracy:.2f}" for accuracy in evaluate_splits(model, cifar).values()) + " |")
         print(lines[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pretrained_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

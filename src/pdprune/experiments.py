@@ -45,13 +45,13 @@ from tqdm.auto import tqdm
 from pdprune._version import __version__
 from pdprune.baselines import BASELINES, MethodSpec, build_baseline
 from pdprune.config import PruningConfig, parse_structure
-from pdprune.data import load_dataset
+from pdprune.data import load_dataset, data_dir as resolve_data_dir
 from pdprune.models import build_model, load_pretrained
 from pdprune.pruner import PDPPruner
 from pdprune.report import model_sparsity
 from pdprune.schedule import ScheduleConfig
 from pdprune.structure import compact, count_macs_and_parameters
-from pdprune.train import TrainConfig, evaluate, recalibrate_batchnorm, train
+from pdprune.train import TrainConfig, evaluate_splits, recalibrate_batchnorm, train
 
 __all__ = ["RunSpec", "Grid", "load_grid", "run_one", "run_grid", "summarize", "METHODS"]
 
@@ -137,7 +137,7 @@ def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path 
     model = build_model(spec.model, dataset.input_shape, dataset.num_classes,
                         vocabulary_size=None if dataset.vocabulary is None else len(dataset.vocabulary))
     if spec.pretrained is not None:
-        load_pretrained(model, Path(data_dir or os.environ.get("PDPRUNE_DATA", ".")) / spec.pretrained)
+        load_pretrained(model, (resolve_data_dir(data_dir) or Path(".")) / spec.pretrained)
     model = model.to(spec.device)
     example = dataset.train_inputs[:2].to(spec.device)
     steps_per_epoch = dataset.steps_per_epoch(spec.train.batch_size)
@@ -171,7 +171,7 @@ def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path 
     row["device"] = spec.device
     if recalibrate_batchnorm(model, dataset, spec.train.batch_size, seed=spec.seed):  # a diagnostic: how much of the
         # final accuracy fresh BatchNorm statistics would add; `accuracy` stays what the method gave
-        row["accuracy_bn_recalibrated"] = {name: evaluate(model, x, y) for name, (x, y) in dataset.evaluations.items()}
+        row["accuracy_bn_recalibrated"] = evaluate_splits(model, dataset)
     return row
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.data.dataset import Dataset, batches
 
-__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate", "recalibrate_batchnorm"]
+__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate", "evaluate_splits", "recalibrate_batchnorm"]
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
@@ -84,6 +84,11 @@ def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
             correct += int((model(x).argmax(dim=1) == y).sum())
     model.train(was_training)
     return correct / len(inputs)
+
+
+def evaluate_splits(model: nn.Module, dataset: Dataset) -> dict[str, float]:
+    """Top-1 accuracy on every evaluation split of `dataset`, by split name."""
+    return {name: evaluate(model, inputs, labels) for name, (inputs, labels) in dataset.evaluations.items()}
 
 
 def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 128, num_batches: int = 100, seed: int = 0) -> bool:
@@ -196,5 +201,4 @@ def train(
             })
     if method is not None:
         method.finalize()
-    accuracy = {name: evaluate(model, x, y) for name, (x, y) in dataset.evaluations.items()}
-    return TrainResult(accuracy, history, seconds)
+    return TrainResult(evaluate_splits(model, dataset), history, seconds)
