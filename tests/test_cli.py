@@ -44,6 +44,26 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
     assert "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
+def test_recalibrate_bn_keeps_the_fresh_statistics_in_the_saved_model(tmp_path, capsys):
+    arguments = ["train", "--model", "resnet20", "--structure", "2:4", "--epochs", "1", "--no-dense", "--quiet", "--out", str(tmp_path)]
+    assert main([*arguments, "--recalibrate-bn"]) == 0
+    assert "BatchNorm re-estimated:" in capsys.readouterr().out
+    run = json.loads((tmp_path / "run.json").read_text())
+    recalibrated = run["pdp_accuracy_bn_recalibrated"]["test"]
+    saved = load_checkpoint(tmp_path / "model.pt")
+    model = build_model(saved["model_name"], tuple(saved["input_shape"]), saved["num_classes"])
+    model.load_state_dict(saved["model"])
+    assert evaluate(model, *load_dataset("digits").evaluations["test"]) == pytest.approx(recalibrated)
+
+
+def test_recalibrate_bn_refuses_a_model_without_batchnorm_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "mlp", "--recalibrate-bn", "--quiet", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "model 'mlp' has no BatchNorm layer" in capsys.readouterr().err
+    assert not (tmp_path / "run.json").exists()
+
+
 def test_schedule_options_reach_the_pruning_config(capsys):
     args = build_parser().parse_args(["train", "--epochs", "30", "--ramp-shape", "cubic", "--anneal-end-epoch", "28"])
     _, pruning = _configs(args, steps_per_epoch=5)

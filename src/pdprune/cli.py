@@ -22,7 +22,7 @@ from pdprune.pruner import PDPPruner
 from pdprune.report import plot_sparsity, state_dict_sparsity
 from pdprune.schedule import ALLOCATIONS, RAMP_SHAPES, ScheduleConfig
 from pdprune.structure import compact, count_macs_and_parameters, save_compacted
-from pdprune.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, train
+from pdprune.train import LR_SCHEDULES, OPTIMIZERS, TrainConfig, evaluate_splits, has_batchnorm, recalibrate_batchnorm, train
 
 WARMUP_FRACTION = 0.1
 RAMP_END_FRACTION = 0.5
@@ -68,6 +68,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES, help="default: %(default)s")
     training.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     training.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    training.add_argument("--recalibrate-bn", action="store_true",
+                          help="after pruning, re-estimate BatchNorm statistics on 100 training batches; model.pt keeps them "
+                               "(gives back part of a costly hard cut: README, 'After a costly hard cut')")
     training.add_argument("--channels-last", action="store_true", help="NHWC layout for image models (faster convolutions on CPU)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<dataset>-<model>-<time>)")
@@ -125,14 +128,20 @@ def command_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
 
+    model = _seeded_model(args, dataset)
+    if args.recalibrate_bn and not has_batchnorm(model):
+        raise ValueError(f"--recalibrate-bn: model {args.model!r} has no BatchNorm layer; drop the option")
     dense = None
     if not args.no_dense:
         dense = train(_seeded_model(args, dataset), dataset, train_config, progress=not args.quiet, description="dense")
-    model = _seeded_model(args, dataset)
     example_inputs = dataset.train_inputs[:2].to(args.device)
     pruner = PDPPruner(model, pruning_config, example_inputs=example_inputs)
     pruned = train(model, dataset, train_config, pruner, progress=not args.quiet, description="PDP")
     report = pruner.report()
+    recalibrated = None
+    if args.recalibrate_bn:
+        recalibrate_batchnorm(model, dataset, args.batch_size, seed=args.seed)
+        recalibrated = evaluate_splits(model, dataset)
 
     about = {"model_name": args.model, "dataset": args.dataset, "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
              "vocabulary_size": None if dataset.vocabulary is None else len(dataset.vocabulary)}
@@ -149,7 +158,8 @@ def command_train(args: argparse.Namespace) -> int:
         "command": " ".join(["pdprune", *sys.argv[1:]]),
         "dataset": args.dataset, "model": args.model,
         "train_config": asdict(train_config), "pruning_config": pruning_config.to_dict(),
-        "dense": None if dense is None else asdict(dense), "pdp": asdict(pruned), "report": report.to_dict(),
+        "dense": None if dense is None else asdict(dense), "pdp": asdict(pruned),
+        "pdp_accuracy_bn_recalibrated": recalibrated, "report": report.to_dict(),
         "compaction": compaction,
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
@@ -159,6 +169,8 @@ def command_train(args: argparse.Namespace) -> int:
     if dense is not None:
         print(f"dense accuracy ({primary}):  {100 * dense.accuracy[primary]:.2f}%  ({dense.seconds:.1f} s training)")
     print(f"PDP accuracy ({primary}):    {100 * pruned.accuracy[primary]:.2f}%  at {100 * report.sparsity:.2f}% sparsity  ({pruned.seconds:.1f} s training)")
+    if recalibrated is not None:
+        print(f"  BatchNorm re-estimated:  {100 * recalibrated[primary]:.2f}%  (model.pt holds these statistics)")
     if compaction is not None:
         print(f"compacted: {compaction['parameters']:,} -> {compaction['compacted_parameters']:,} parameters, "
               f"{compaction['macs'] / 1e6:.2f} M -> {compaction['compacted_macs'] / 1e6:.2f} M MACs per example "

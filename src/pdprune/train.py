@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.data.dataset import Dataset, batches
 
-__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate", "evaluate_splits", "recalibrate_batchnorm"]
+__all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate", "evaluate_splits", "has_batchnorm", "recalibrate_batchnorm"]
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
@@ -91,6 +91,10 @@ def evaluate_splits(model: nn.Module, dataset: Dataset) -> dict[str, float]:
     return {name: evaluate(model, inputs, labels) for name, (inputs, labels) in dataset.evaluations.items()}
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
 def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 128, num_batches: int = 100, seed: int = 0) -> bool:
     """Re-estimate every BatchNorm's running mean and variance on `num_batches` training batches.
 
@@ -99,7 +103,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
     accuracy (the benchmark harness reports both). Uses `torch.optim.swa_utils.update_bn`. Returns
     False (and changes nothing) for a model without BatchNorm.
     """
-    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+    if not has_batchnorm(model):
         return False
     generator = torch.Generator().manual_seed(seed)
     sample = batches(dataset.train_inputs, dataset.train_labels, batch_size, generator, dataset.augment)
