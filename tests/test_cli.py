@@ -13,7 +13,7 @@ from pdprune.checkpoint import load_checkpoint
 from pdprune.cli import _configs, build_parser, main
 from pdprune.data import load_dataset
 from pdprune.models import build_model
-from pdprune.train import evaluate
+from pdprune.train import evaluate, recalibrate_batchnorm
 
 
 def test_train_on_bundled_digits_at_90_percent_stays_within_two_points_of_dense(tmp_path, capsys):
@@ -53,7 +53,11 @@ def test_recalibrate_bn_keeps_the_fresh_statistics_in_the_saved_model(tmp_path, 
     saved = load_checkpoint(tmp_path / "model.pt")
     model = build_model(saved["model_name"], tuple(saved["input_shape"]), saved["num_classes"])
     model.load_state_dict(saved["model"])
-    assert evaluate(model, *load_dataset("digits").evaluations["test"]) == pytest.approx(recalibrated)
+    digits = load_dataset("digits")
+    assert evaluate(model, *digits.evaluations["test"]) == pytest.approx(recalibrated)
+    saved_statistics = {name: tensor.clone() for name, tensor in model.state_dict().items() if "running_" in name}
+    recalibrate_batchnorm(model, digits, batch_size=64, seed=0)  # the same batches again: nothing may change
+    assert all(torch.allclose(tensor, model.state_dict()[name], atol=1e-6) for name, tensor in saved_statistics.items())
 
 
 def test_recalibrate_bn_refuses_a_model_without_batchnorm_before_training(tmp_path, capsys):
