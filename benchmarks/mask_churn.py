@@ -2,11 +2,12 @@
 
 After every epoch, for each pruned layer's raw weights (before the mask), the n largest magnitudes of
 every group of m are the kept set; the script reports the share of kept weights that were not kept at
-the end of the epoch before. A pattern that no longer changes was chosen for good. ResNet-20 on the
-bundled digits at 1:4, the settings of `benchmarks/configs/digits_resnet20_hard_cut.toml` (15 epochs,
-warm-up 2, target at epoch 8, anneal to a hard mask by epoch 13), 3 seeds; a few minutes on one core.
+the end of the epoch before. A pattern that no longer changes was chosen for good. It reruns the 1:4
+runs of `benchmarks/configs/digits_resnet20_hard_cut.toml` (ResNet-20 on the bundled digits, 15 epochs,
+warm-up 2, target at epoch 8, anneal to a hard mask by epoch 13) and SR-STE with the same budget, 3
+seeds; a few minutes on one core.
 
-    python benchmarks/mask_churn.py
+    OMP_NUM_THREADS=1 python benchmarks/mask_churn.py   # one thread, as the grid ran: the same numbers
 """
 
 from __future__ import annotations
@@ -15,22 +16,21 @@ import argparse
 import json
 import statistics
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pdprune import PDPPruner, PruningConfig
-from pdprune.baselines import MethodSpec, build_baseline
 from pdprune.baselines.srste import nm_keep_mask
 from pdprune.data import load_dataset
+from pdprune.experiments import RunSpec, build_method, load_grid
 from pdprune.models import build_model
-from pdprune.schedule import ScheduleConfig
-from pdprune.train import PruningMethod, TrainConfig, train
+from pdprune.train import PruningMethod, train
 
+GRID = Path(__file__).parent / "configs" / "digits_resnet20_hard_cut.toml"
 N, M = 1, 4
-EPOCHS, WARMUP, RAMP_END, ANNEAL_END = 15, 2, 8, 13
 METHODS = ("pdp", "pdp anneal", "srste")
 
 
@@ -62,23 +62,22 @@ class ChurnProbe:
         self.method.load_state_dict(state)
 
 
-def run(method: str, seed: int) -> tuple[list[float], float]:
-    digits = load_dataset("digits")
-    config = TrainConfig(epochs=EPOCHS, batch_size=64, learning_rate=0.05, weight_decay=5e-4, seed=seed)
-    steps_per_epoch = digits.steps_per_epoch(config.batch_size)
-    torch.manual_seed(seed)
-    model = build_model("resnet20", digits.input_shape, digits.num_classes)
-    example = digits.train_inputs[:2]
+def runs(seeds: list[int]) -> dict[str, list[RunSpec]]:
+    """The hard-cut grid's 1:4 PDP runs, and SR-STE with the same budget, by method."""
+    pdp = [run for run in load_grid(GRID).runs if run.structure == f"{N}:{M}" and run.seed in seeds]
+    srste = [replace(run, method="srste", label=None, pdp={}) for run in pdp if run.name == "pdp"]
+    return {name: [run for run in pdp + srste if run.name == name] for name in METHODS}
+
+
+def churn_and_accuracy(spec: RunSpec) -> tuple[list[float], float]:
+    digits = load_dataset(spec.dataset)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, digits.input_shape, digits.num_classes)
+    steps_per_epoch = digits.steps_per_epoch(spec.train.batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the first convolution (1 input channel) stays dense in every method
-        if method == "srste":
-            pruner = build_baseline("srste", model, MethodSpec(1 - N / M, f"{N}:{M}", WARMUP, RAMP_END, steps_per_epoch), example)
-        else:
-            schedule = ScheduleConfig(warmup_epochs=WARMUP, ramp_end_epoch=RAMP_END, steps_per_epoch=steps_per_epoch,
-                                      anneal_end_epoch=ANNEAL_END if method == "pdp anneal" else None)
-            pruner = PDPPruner(model, PruningConfig(sparsity=1 - N / M, structure=f"{N}:{M}", schedule=schedule), example_inputs=example)
-        probe = ChurnProbe(pruner, model, steps_per_epoch)
-        result = train(model, digits, config, probe, progress=False)
+        probe = ChurnProbe(build_method(spec, model, digits.train_inputs[:2], steps_per_epoch), model, steps_per_epoch)
+        result = train(model, digits, spec.train, probe, progress=False)
     return probe.churn, result.accuracy["test"]
 
 
@@ -87,21 +86,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mask_churn_digits"))
     args = parser.parse_args()
-    results = {method: [run(method, seed) for seed in args.seeds] for method in METHODS}
+    specs = runs(args.seeds)
+    results = {method: [churn_and_accuracy(spec) for spec in specs[method]] for method in METHODS}
+    mean_churn = {method: [100 * statistics.mean(values) for values in zip(*(churn for churn, _ in rows))] for method, rows in results.items()}
+    first = specs["pdp anneal"][0]
+    epochs = range(2, first.train.epochs + 1)
     lines = [f"Share of kept weights new since the epoch before (%), ResNet-20, bundled digits, {N}:{M}, mean of seeds {args.seeds}",
              "", "| epoch | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
-    for index in range(EPOCHS - 1):
-        cells = [f"{100 * statistics.mean(churn[index] for churn, _ in results[method]):.2f}" for method in METHODS]
-        lines.append(f"| {index + 2} | " + " | ".join(cells) + " |")
+    for index, epoch in enumerate(epochs):
+        lines.append(f"| {epoch} | " + " | ".join(f"{mean_churn[method][index]:.2f}" for method in METHODS) + " |")
     accuracies = [f"{100 * statistics.mean(accuracy for _, accuracy in results[method]):.2f}" for method in METHODS]
     lines.append("| test accuracy after finalize() | " + " | ".join(accuracies) + " |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(table + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({method: [{"seed": seed, "churn": churn, "test_accuracy": accuracy}
-                                                                   for seed, (churn, accuracy) in zip(args.seeds, rows)]
-                                                          for method, rows in results.items()}, indent=1) + "\n")
+    runs_json = {method: [{"seed": spec.seed, "churn": churn, "test_accuracy": accuracy} for spec, (churn, accuracy) in zip(specs[method], rows)]
+                 for method, rows in results.items()}
+    args.out.with_suffix(".json").write_text(json.dumps(runs_json, indent=1) + "\n")
     try:
         import matplotlib
 
@@ -110,10 +112,10 @@ def main() -> None:
     except ImportError:
         return
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    epochs = range(2, EPOCHS + 1)
     for method in METHODS:
-        axes.plot(epochs, [100 * statistics.mean(churn[i] for churn, _ in results[method]) for i in range(EPOCHS - 1)], marker="o", label=method)
-    for epoch, text in ((WARMUP, "warm-up ends"), (RAMP_END, "target reached"), (ANNEAL_END, "anneal ends")):
+        axes.plot(epochs, mean_churn[method], marker="o", label=method)
+    marks = ((first.warmup_epochs, "warm-up ends"), (first.ramp_end_epoch, "target reached"), (first.pdp["schedule"]["anneal_end_epoch"], "anneal ends"))
+    for epoch, text in marks:
         axes.axvline(epoch, color="grey", linestyle=":", linewidth=1)
         axes.text(epoch, 0.98, text, transform=axes.get_xaxis_transform(), fontsize=7, rotation=90, va="top", ha="right")
     axes.set_yscale("symlog", linthresh=0.01)  # the tail, where the pattern settles, is what matters

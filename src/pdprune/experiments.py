@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pdprune._version import __version__
@@ -51,9 +52,9 @@ from pdprune.pruner import PDPPruner
 from pdprune.report import model_sparsity
 from pdprune.schedule import ScheduleConfig
 from pdprune.structure import compact, count_macs_and_parameters
-from pdprune.train import TrainConfig, evaluate_splits, recalibrate_batchnorm, train
+from pdprune.train import PruningMethod, TrainConfig, evaluate_splits, recalibrate_batchnorm, train
 
-__all__ = ["RunSpec", "Grid", "load_grid", "run_one", "run_grid", "summarize", "METHODS"]
+__all__ = ["RunSpec", "Grid", "load_grid", "build_method", "run_one", "run_grid", "summarize", "METHODS"]
 
 METHODS = ("dense", "pdp", *BASELINES)
 
@@ -128,6 +129,21 @@ def load_grid(path: str | os.PathLike) -> Grid:
     return Grid(config["name"], tuple(runs), config)
 
 
+def build_method(spec: RunSpec, model: nn.Module, example: Tensor, steps_per_epoch: int) -> PruningMethod | None:
+    """Attach the run's pruning method to `model` (None for dense): PDP with the run's overrides, or a baseline."""
+    if spec.method == "dense":
+        return None
+    if spec.method == "pdp":
+        overrides = dict(spec.pdp)
+        schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
+        config = PruningConfig.from_dict({
+            "sparsity": spec.sparsity, "structure": spec.structure,
+            "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
+        })
+        return PDPPruner(model, config, example_inputs=example)
+    return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
+
+
 def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Train one run of the grid and measure it: accuracy per split, achieved sparsity, time, size."""
     dataset = load_dataset(spec.dataset, data_dir)
@@ -140,20 +156,9 @@ def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path 
         load_pretrained(model, (resolve_data_dir(data_dir) or Path(".")) / spec.pretrained)
     model = model.to(spec.device)
     example = dataset.train_inputs[:2].to(spec.device)
-    steps_per_epoch = dataset.steps_per_epoch(spec.train.batch_size)
-    method = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers left dense are reported in the results instead
-        if spec.method == "pdp":
-            overrides = dict(spec.pdp)
-            schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
-            config = PruningConfig.from_dict({
-                "sparsity": spec.sparsity, "structure": spec.structure,
-                "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
-            })
-            method = PDPPruner(model, config, example_inputs=example)
-        elif spec.method != "dense":
-            method = build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
+        method = build_method(spec, model, example, dataset.steps_per_epoch(spec.train.batch_size))
         result = train(model, dataset, spec.train, method, checkpoint_path=checkpoint, progress=progress, description=spec.key)
     report = model_sparsity(model)
     hard_cut = getattr(method, "hard_cut", {})
