@@ -15,6 +15,7 @@ from pdprune.masks import (
     midpoint_threshold,
     pruned_count,
     soft_mask,
+    straight_through,
     temperature_for,
     ungroup_along_inputs,
 )
@@ -65,6 +66,23 @@ def test_gradient_of_masked_weight_matches_closed_form():
     expected = m + (2 * weight.detach().square() / tau) * m * (1 - m)
     torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda w: w * soft_mask(w.square(), t, tau), (weight,))
+
+
+def test_straight_through_keeps_the_forward_and_lets_pruned_weights_learn_as_if_kept():
+    weight = torch.randn(200, dtype=torch.float64, requires_grad=True)
+    t = _threshold(weight.detach(), 0.7).squeeze()
+    tau = 1e-6 * t.square()  # nearly hard: PDP's own gradient below t is about 0
+    masked = weight * soft_mask(weight.square(), t, tau)
+    upstream = torch.randn(200, dtype=torch.float64)
+    (plain,) = torch.autograd.grad(masked, weight, upstream, retain_graph=True)
+    through = straight_through(weight, masked)
+    torch.testing.assert_close(through, masked, rtol=0, atol=0)
+    (gradient,) = torch.autograd.grad(through, weight, upstream)
+    m = masked.detach() / weight.detach()
+    torch.testing.assert_close(gradient, plain + (1 - m) * upstream)
+    pruned = weight.detach().abs() < t
+    assert float(plain[pruned].abs().max()) < 1e-12, "without it, pruned weights get no gradient"
+    torch.testing.assert_close(gradient[pruned], upstream[pruned])
 
 
 @pytest.mark.parametrize("scale", [1e20, 1e-30, 0.0])

@@ -48,6 +48,25 @@ def test_soft_mask_applies_after_warmup_and_gradients_reach_the_dense_weights(ti
     assert original.grad is not None and bool((original.grad != 0).any())
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_straight_through_gives_pruned_weights_a_gradient_without_changing_the_forward(tiny_convnet, structure):
+    x = torch.randn(4, 3, 6, 6)
+    gradients, outputs = {}, {}
+    for through in (False, True):
+        model = copy.deepcopy(tiny_convnet)
+        config = PruningConfig(sparsity=0.5, structure=structure, temperature=1e-6, straight_through=through, schedule=IMMEDIATE)
+        pruner = PDPPruner(model, config, example_inputs=x)
+        outputs[through] = model(x)
+        outputs[through].square().sum().backward()
+        gradients[through] = model.conv2.parametrizations.weight.original.grad
+        assert ("straight-through" in repr(model)) == through
+    torch.testing.assert_close(outputs[True], outputs[False])
+    dropped = pruner.finalized_state_dict()["conv2.weight"] == 0
+    assert bool(dropped.any())
+    assert float(gradients[False][dropped].abs().max()) < 1e-6 * float(gradients[False].abs().max())
+    assert float(gradients[True][dropped].abs().max()) > 1e-2 * float(gradients[True].abs().max())
+
+
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_finalize_hits_the_exact_count_and_loads_into_the_plain_model(tiny_convnet, allocation):
     reference = copy.deepcopy(tiny_convnet)
@@ -193,6 +212,9 @@ def test_finalize_before_the_ramp_ends_warns():
         ({"layer_structures": {"fc": "3:3"}}, ValueError, r"layer_structures\['fc'\]: structure '3:3' needs 0 < N < M"),
         ({"on_incompatible": "ignore"}, ValueError, r"on_incompatible must be one of \('skip', 'error'\), got 'ignore'"),
         ({"module_types": ("LSTM",)}, ValueError, r"module_types must name some of"),
+        ({"straight_through": "yes"}, TypeError, r"straight_through must be True or False, got 'yes'"),
+        ({"straight_through": True, "layer_structures": {"conv*": "channel"}}, ValueError,
+         r"straight_through applies to unstructured and N:M masks, not to 'channel'"),
         ({"include": "fc"}, TypeError, r"include must be a tuple of strings, got the string 'fc'; wrap it"),
     ],
 )

@@ -109,7 +109,7 @@ def _build_units(
             continue
         tensor_name = f"{name}.weight"
         if structure == "unstructured":
-            mask: SoftMask = UnstructuredMask(config.temperature, relative, config.compile_kernels)
+            mask: SoftMask = UnstructuredMask(config.temperature, relative, config.compile_kernels, config.straight_through)
         else:
             n, m = structure
             if module.weight.dim() < 2 or module.weight.shape[1] % m:
@@ -119,7 +119,7 @@ def _build_units(
                     raise ValueError(f"{problem}; exclude it, e.g. exclude=({name!r},), or pass on_incompatible='skip'")
                 skipped[tensor_name] = problem
                 continue
-            mask = NMMask(n, m, config.temperature, relative, config.compile_kernels)
+            mask = NMMask(n, m, config.temperature, relative, config.compile_kernels, config.straight_through)
         units[tensor_name] = mask
         masked_weights.add(id(module.weight))
         for holder_name, holder in ties.get(id(module.weight), [(name, module)]):

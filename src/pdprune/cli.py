@@ -57,6 +57,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                          help="shrink tau after the ramp until this epoch, so the soft mask is hard before the end "
                               f"(default: {100 * ANNEAL_END_FRACTION:.0f}%% of --epochs for N:M and channel structures, none for unstructured)")
     pruning.add_argument("--no-anneal", action="store_true", help="keep tau fixed to the end, as in the paper, whatever the structure")
+    pruning.add_argument("--straight-through", action="store_true",
+                         help="pruned weights also learn as if kept (SR-STE's estimator), so a hard mask can still change; not in the paper")
     pruning.add_argument("--include", action="append", default=[], metavar="PATTERN", help="prune only modules matching (repeatable)")
     pruning.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune modules matching (repeatable)")
     training = parser.add_argument_group("training")
@@ -95,7 +97,7 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
     pruning_config = PruningConfig(
         sparsity=args.sparsity, structure=args.structure, allocation=args.allocation,
         temperature=args.temperature, temperature_mode=args.temperature_mode,
-        layer_structures=layer_structures, on_incompatible=args.on_incompatible,
+        layer_structures=layer_structures, on_incompatible=args.on_incompatible, straight_through=args.straight_through,
         include=tuple(args.include), exclude=tuple(args.exclude),
         schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch,
                                 ramp_shape=args.ramp_shape, anneal_end_epoch=anneal_end),

@@ -64,6 +64,10 @@ class PruningConfig:
         module_types: which module classes hold prunable weights.
         on_incompatible: what to do with a layer that cannot hold its N:M pattern (input dimension not a
             multiple of M): "skip" it with a warning that names it, or raise an "error".
+        straight_through: not in the paper, off by default: pruned weights also get the gradient of their
+            masked value, as if kept (SR-STE's straight-through estimator), so that a nearly hard mask
+            (late in an anneal) can still change which weights stay. Unstructured and N:M only: a pruned
+            channel's zeroed norm scale would block the gradient to its filters anyway.
         compile_kernels: run the soft mask of large tensors as `torch.compile`d kernels (falls back to
             eager PyTorch by itself where compiling is impossible).
         schedule: warm-up and ramp.
@@ -79,6 +83,7 @@ class PruningConfig:
     exclude: tuple[str, ...] = ()
     module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
     on_incompatible: str = "skip"
+    straight_through: bool = False
     compile_kernels: bool = True
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -102,6 +107,13 @@ class PruningConfig:
             raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
         if self.on_incompatible not in ON_INCOMPATIBLE:
             raise ValueError(f"on_incompatible must be one of {ON_INCOMPATIBLE}, got {self.on_incompatible!r}")
+        if not isinstance(self.straight_through, bool):
+            raise TypeError(f"straight_through must be True or False, got {self.straight_through!r}")
+        if self.straight_through and "channel" in (self.structure, *self.layer_structures.values()):
+            raise ValueError(
+                "straight_through applies to unstructured and N:M masks, not to 'channel': a pruned channel's "
+                "zeroed norm scale blocks the gradient to its filters; leave it off for channel pruning"
+            )
         for name in ("include", "exclude", "module_types"):
             value = getattr(self, name)
             if isinstance(value, str):

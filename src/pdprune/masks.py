@@ -23,6 +23,7 @@ __all__ = [
     "temperature_for",
     "soft_mask",
     "masked_weight",
+    "straight_through",
     "group_thresholds",
     "hard_keep_mask",
     "group_along_inputs",
@@ -178,6 +179,18 @@ def masked_weight(weight: Tensor, threshold: Tensor, temperature: float, relativ
     """
     threshold_squared = threshold.detach().square().to(weight.dtype)
     return _MaskedWeight.apply(weight, threshold_squared, float(temperature), bool(relative), compiled)
+
+
+def straight_through(weight: Tensor, masked: Tensor) -> Tensor:
+    """`masked` (= w * m) in the forward pass; in the backward, each weight also gets (1 - m) times the
+    gradient of its masked value, so a pruned weight (m near 0) learns as if it were kept.
+
+    Not in the PDP paper: the straight-through estimator of SR-STE (Zhou et al., 2021). Under a nearly
+    hard mask PDP's own gradient below the threshold is about 0 and the pattern freezes; this keeps
+    pruned weights moving, so they can still grow back above t.
+    """
+    keep = torch.where(weight != 0, masked / weight, 0).detach()  # m, wherever it can be read back
+    return masked + (weight - weight.detach()) * (1 - keep)
 
 
 def _group_thresholds(groups: Tensor, pruned: int) -> Tensor:

@@ -21,6 +21,7 @@ from pdprune.masks import (
     order_statistics,
     pruned_count,
     soft_mask,
+    straight_through,
     temperature_for,
     ungroup_along_inputs,
 )
@@ -85,9 +86,16 @@ class SoftMask(MaskState):
     `finalize`) and which weights a hard cut keeps (`keep_mask`); `forward` is the fast path.
     """
 
-    def __init__(self, temperature: float, relative_temperature: bool, compile_kernels: bool = True) -> None:
+    def __init__(
+        self, temperature: float, relative_temperature: bool, compile_kernels: bool = True, straight_through: bool = False
+    ) -> None:
         super().__init__(temperature, relative_temperature)
         self.compile_kernels = compile_kernels
+        self.straight_through = straight_through
+
+    def _gradient_path(self, weight: Tensor, masked: Tensor) -> Tensor:
+        """`masked`, with the straight-through gradient for pruned weights when that option is on."""
+        return straight_through(weight, masked) if self.straight_through else masked
 
     def _compiled(self, weight: Tensor) -> bool:
         # On a CPU the fused kernels halve PDP's memory traffic; on CUDA these passes are launch-bound
@@ -110,14 +118,19 @@ class SoftMask(MaskState):
         """What `finalize()` bakes in: kept weights as the network trained with them (w * m), others 0."""
         return self.soft(weight, sparsity) * self.keep_mask(weight, sparsity)
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", straight-through" if self.straight_through else "")
+
 
 class UnstructuredMask(SoftMask):
     """One threshold over the whole tensor: any weight may go."""
 
     structure = "unstructured"
 
-    def __init__(self, temperature: float, relative_temperature: bool, compile_kernels: bool = True) -> None:
-        super().__init__(temperature, relative_temperature, compile_kernels)
+    def __init__(
+        self, temperature: float, relative_temperature: bool, compile_kernels: bool = True, straight_through: bool = False
+    ) -> None:
+        super().__init__(temperature, relative_temperature, compile_kernels, straight_through)
         self._band: tuple[float, float] | None = None  # squared-score bracket of the last threshold
         self._band_width = 4e-3
         self._cached: tuple[tuple[int, int, int], Tensor] | None = None  # (weight version, storage, pruned), t
@@ -131,7 +144,8 @@ class UnstructuredMask(SoftMask):
         if pruned >= weight.numel():
             return weight * 0
         threshold = self.threshold(weight, pruned)
-        return masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight))
+        masked = masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight))
+        return self._gradient_path(weight, masked)
 
     def threshold(self, weight: Tensor, pruned: int) -> Tensor:
         """t (a one-element tensor), from a band around the last threshold when possible, else one selection.
@@ -179,8 +193,11 @@ class NMMask(SoftMask):
     prunes round(s * m) weights, so the pattern tightens in whole steps (for 2:4: 0, then 1, then 2).
     """
 
-    def __init__(self, n: int, m: int, temperature: float, relative_temperature: bool, compile_kernels: bool = True) -> None:
-        super().__init__(temperature, relative_temperature, compile_kernels)
+    def __init__(
+        self, n: int, m: int, temperature: float, relative_temperature: bool, compile_kernels: bool = True,
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__(temperature, relative_temperature, compile_kernels, straight_through)
         self.n, self.m = n, m
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -193,7 +210,7 @@ class NMMask(SoftMask):
         compiled = self._compiled(weight)
         threshold = group_thresholds(groups, pruned, compiled)  # (out, *kernel, in // m, 1)
         masked = masked_weight(groups, threshold, self.temperature, self.relative_temperature, compiled)
-        return ungroup_along_inputs(masked, weight.shape)
+        return self._gradient_path(weight, ungroup_along_inputs(masked, weight.shape))
 
     @property
     def structure(self) -> str:  # type: ignore[override]
