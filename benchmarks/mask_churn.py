@@ -4,8 +4,8 @@ After every epoch, for each pruned layer's raw weights (before the mask), the n 
 every group of m are the kept set; the script reports the share of kept weights that were not kept at
 the end of the epoch before. A pattern that no longer changes was chosen for good. It reruns the 1:4
 runs of `benchmarks/configs/digits_resnet20_hard_cut.toml` (ResNet-20 on the bundled digits, 15 epochs,
-warm-up 2, target at epoch 8, anneal to a hard mask by epoch 13) and SR-STE with the same budget, 3
-seeds; a few minutes on one core.
+warm-up 2, target at epoch 8, anneal to a hard mask by epoch 13), the annealed run again with the
+`straight_through` option, and SR-STE with the same budget, 3 seeds; minutes on one core.
 
     OMP_NUM_THREADS=1 python benchmarks/mask_churn.py   # one thread, as the grid ran: the same numbers
 """
@@ -31,7 +31,7 @@ from pdprune.train import PruningMethod, train
 
 GRID = Path(__file__).parent / "configs" / "digits_resnet20_hard_cut.toml"
 N, M = 1, 4
-METHODS = ("pdp", "pdp anneal", "srste")
+METHODS = ("pdp", "pdp anneal", "pdp anneal straight-through", "srste")
 
 
 class ChurnProbe:
@@ -63,10 +63,13 @@ class ChurnProbe:
 
 
 def runs(seeds: list[int]) -> dict[str, list[RunSpec]]:
-    """The hard-cut grid's 1:4 PDP runs, and SR-STE with the same budget, by method."""
+    """The hard-cut grid's 1:4 PDP runs, the annealed one with `straight_through`, and SR-STE with the
+    same budget, by method."""
     pdp = [run for run in load_grid(GRID).runs if run.structure == f"{N}:{M}" and run.seed in seeds]
+    through = [replace(run, label=f"{run.label} straight-through", pdp={**run.pdp, "straight_through": True})
+               for run in pdp if run.name == "pdp anneal"]
     srste = [replace(run, method="srste", label=None, pdp={}) for run in pdp if run.name == "pdp"]
-    return {name: [run for run in pdp + srste if run.name == name] for name in METHODS}
+    return {name: [run for run in pdp + through + srste if run.name == name] for name in METHODS}
 
 
 def churn_and_accuracy(spec: RunSpec) -> tuple[list[float], float]:

@@ -77,6 +77,15 @@ def test_schedule_options_reach_the_pruning_config(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
+def test_straight_through_reaches_the_config_and_is_refused_for_channels(tmp_path, capsys):
+    _, pruning = _configs(build_parser().parse_args(["train", "--structure", "1:4", "--straight-through"]), steps_per_epoch=5)
+    assert pruning.straight_through
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--structure", "channel", "--straight-through", "--quiet", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "straight_through applies to unstructured and N:M masks, not to 'channel'" in capsys.readouterr().err
+
+
 def test_structured_pruning_anneals_by_default_and_unstructured_keeps_the_paper_s_form():
     def anneal_end(*arguments):
         _, pruning = _configs(build_parser().parse_args(["train", "--epochs", "10", *arguments]), steps_per_epoch=5)
