@@ -126,13 +126,22 @@ def temperature_for(threshold: Tensor, temperature: float, relative: bool) -> Te
     return (temperature * threshold.square()).clamp_min(torch.finfo(threshold.dtype).tiny)
 
 
-def soft_mask(squared_scores: Tensor, threshold: Tensor, temperature: Tensor | float) -> Tensor:
+def soft_mask(
+    squared_scores: Tensor, threshold: Tensor, temperature: Tensor | float, gradient_temperature: Tensor | float | None = None
+) -> Tensor:
     """PDP's soft mask exp(s/tau) / (exp(s/tau) + exp(t^2/tau)) = sigmoid((s - t^2) / tau).
 
     Stable for every finite input (sigmoid saturates instead of overflowing). Gradients flow through
-    `squared_scores`; `threshold` and `temperature` are constants of the step.
+    `squared_scores`; `threshold` and `temperature` are constants of the step. With
+    `gradient_temperature`, the values are those of `temperature` and the gradient that of the mask at
+    `gradient_temperature` (a surrogate gradient: a sharpened mask keeps a soft mask's slope).
     """
-    return torch.sigmoid((squared_scores - threshold.square()) / temperature)
+    shifted = squared_scores - threshold.square()
+    mask = torch.sigmoid(shifted / temperature)
+    if gradient_temperature is None:
+        return mask
+    slope = torch.sigmoid(shifted / gradient_temperature)
+    return slope + (mask - slope).detach()
 
 
 def _tau(threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor | float:
@@ -169,14 +178,21 @@ class _MaskedWeight(torch.autograd.Function):
         return kernel(grad.contiguous(), weight, output, threshold_squared, temperature, relative), None, None, None, None
 
 
-def masked_weight(weight: Tensor, threshold: Tensor, temperature: float, relative: bool, compiled: bool = False) -> Tensor:
+def masked_weight(
+    weight: Tensor, threshold: Tensor, temperature: float, relative: bool, compiled: bool = False,
+    gradient_temperature: float | None = None,
+) -> Tensor:
     """PDP's w * m(w), the values of `soft_mask` with `temperature_for`, fused: nothing but the output
     (which the layer keeps anyway) and t^2 is kept for the backward.
 
     Args:
         weight: any shape; `threshold` broadcasts against it (a scalar, or (..., 1) per group).
         compiled: run the two elementwise passes as `torch.compile` kernels (worth it on large tensors).
+        gradient_temperature: the surrogate gradient of `soft_mask` (unfused: PyTorch's autograd).
     """
+    if gradient_temperature is not None:
+        tau, slope_tau = (temperature_for(threshold.detach(), value, relative) for value in (temperature, gradient_temperature))
+        return weight * soft_mask(weight.square(), threshold.detach(), tau, slope_tau)
     threshold_squared = threshold.detach().square().to(weight.dtype)
     return _MaskedWeight.apply(weight, threshold_squared, float(temperature), bool(relative), compiled)
 

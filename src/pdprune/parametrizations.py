@@ -49,6 +49,7 @@ class MaskState(nn.Module):
         self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64))
         self._sparsity = 0.0
         self.temperature = temperature
+        self.gradient_temperature: float | None = None  # the surrogate slope while annealing, if asked for
         self.relative_temperature = relative_temperature
 
     @property
@@ -72,7 +73,8 @@ class MaskState(nn.Module):
             return torch.zeros_like(squared_scores)
         threshold = midpoint_threshold(squared_scores, pruned)
         tau = temperature_for(threshold, self.temperature, self.relative_temperature)
-        return soft_mask(squared_scores, threshold, tau)
+        slope_tau = None if self.gradient_temperature is None else temperature_for(threshold, self.gradient_temperature, self.relative_temperature)
+        return soft_mask(squared_scores, threshold, tau, slope_tau)
 
     def extra_repr(self) -> str:
         mode = "relative" if self.relative_temperature else "absolute"
@@ -144,7 +146,7 @@ class UnstructuredMask(SoftMask):
         if pruned >= weight.numel():
             return weight * 0
         threshold = self.threshold(weight, pruned)
-        masked = masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight))
+        masked = masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight), self.gradient_temperature)
         return self._gradient_path(weight, masked)
 
     def threshold(self, weight: Tensor, pruned: int) -> Tensor:
@@ -209,7 +211,7 @@ class NMMask(SoftMask):
         groups = group_along_inputs(weight, self.m)  # (out, *kernel, in // m, m)
         compiled = self._compiled(weight)
         threshold = group_thresholds(groups, pruned, compiled)  # (out, *kernel, in // m, 1)
-        masked = masked_weight(groups, threshold, self.temperature, self.relative_temperature, compiled)
+        masked = masked_weight(groups, threshold, self.temperature, self.relative_temperature, compiled, self.gradient_temperature)
         return self._gradient_path(weight, ungroup_along_inputs(masked, weight.shape))
 
     @property

@@ -84,10 +84,11 @@ class PDPPruner:
                 self.budgets = self._allocate()
                 self.schedule.allocated_epoch = int(self.schedule.epoch)
             fraction = self.schedule.ramp_fraction
-        temperature = self.config.temperature * self.schedule.temperature_factor
+        factor = self.schedule.temperature_factor
+        slope = self.config.temperature if self.config.schedule.anneal_soft_gradient and factor < 1 else None
         for name, unit in self.units.items():
             unit.sparsity = 0.0 if self.budgets is None else fraction * self.budgets[name]
-            unit.temperature = temperature
+            unit.temperature, unit.gradient_temperature = self.config.temperature * factor, slope
 
     def _allocate(self) -> dict[str, float]:
         """Per-unit budgets: fixed for N:M, `sparsity` for channel groups, global or uniform for the rest."""

@@ -35,6 +35,10 @@ class ScheduleConfig:
             temperature shrinks geometrically to `anneal_factor` times its value, so that the soft mask
             the network trains with becomes the hard mask of `finalize()` before training ends.
         anneal_factor: the temperature's final fraction when annealing.
+        anneal_soft_gradient: not in the paper, off by default: while annealing, the backward pass keeps
+            the slope of the mask at the starting temperature (a surrogate gradient). The sharpened
+            mask's own slope grows as 1/tau at each threshold and throws the weights there far at every
+            step; N:M and channels have a threshold per group, so many weights.
         reallocate: not in the paper, off by default: redo the global allocation at every new epoch of
             the ramp (as gradual magnitude pruning does at each update) instead of once after warm-up.
         ramp_shape: "linear" (the paper's r_l(e) = min(1, eps * (e - s + 1)) * r_l) or "cubic"
@@ -48,6 +52,7 @@ class ScheduleConfig:
     steps_per_epoch: int = 1
     anneal_end_epoch: float | None = None
     anneal_factor: float = 1e-3
+    anneal_soft_gradient: bool = False
     ramp_shape: str = "linear"
     reallocate: bool = False
 
@@ -72,6 +77,8 @@ class ScheduleConfig:
             raise ValueError(
                 f"anneal_end_epoch must come after the ramp ends (epoch {self.ramp_end:g}), got {self.anneal_end_epoch}"
             )
+        if self.anneal_soft_gradient and self.anneal_end_epoch is None:
+            raise ValueError("anneal_soft_gradient applies while annealing: set anneal_end_epoch too, or leave it off")
         if isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
             raise ValueError(
                 f"steps_per_epoch must be an int >= 1, got {self.steps_per_epoch!r}; "
