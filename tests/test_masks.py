@@ -85,6 +85,23 @@ def test_straight_through_keeps_the_forward_and_lets_pruned_weights_learn_as_if_
     torch.testing.assert_close(gradient[pruned], upstream[pruned])
 
 
+def test_a_sharp_mask_with_a_soft_gradient_has_the_sharp_values_and_a_bounded_slope():
+    # a group of 1:4 whose two largest weights nearly tie: t lies between them, 5e-5 from each
+    weight = torch.tensor([1.0, 1.0 + 1e-4, 0.1, 0.2], dtype=torch.float64, requires_grad=True)
+    t = midpoint_threshold(weight.detach().square().reshape(1, -1), 3).squeeze()
+    sharp_tau, soft_tau = 5e-5 * t.square(), 0.05 * t.square()
+    sharp = weight * soft_mask(weight.square(), t, sharp_tau)
+    surrogate = weight * soft_mask(weight.square(), t, sharp_tau, soft_tau)
+    torch.testing.assert_close(surrogate, sharp)
+    (sharp_gradient,) = torch.autograd.grad(sharp.sum(), weight)
+    (surrogate_gradient,) = torch.autograd.grad(surrogate.sum(), weight)
+    assert float(sharp_gradient.abs().max()) > 1000, "the sharpened mask's own slope at t"
+    assert float(surrogate_gradient.abs().max()) < 1 + 2 / 0.05 / 4 + 1e-6  # m + (2 w^2 / tau) m (1 - m), at most
+    soft = soft_mask(weight.detach().square(), t, soft_tau)
+    m = soft_mask(weight.detach().square(), t, sharp_tau)
+    torch.testing.assert_close(surrogate_gradient, m + 2 * weight.detach().square() / soft_tau * soft * (1 - soft))
+
+
 @pytest.mark.parametrize("scale", [1e20, 1e-30, 0.0])
 @pytest.mark.parametrize("relative", [True, False])
 def test_no_nan_for_extreme_weights(scale, relative):

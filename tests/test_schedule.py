@@ -65,6 +65,7 @@ def test_uniform_budgets():
         ({"ramp_rate": 0.0}, r"ramp_rate must be in \(0, 1\], got 0.0"),
         ({"warmup_epochs": 3, "ramp_end_epoch": 2}, r"ramp_end_epoch must be >= warmup_epochs \(3\), got 2"),
         ({"steps_per_epoch": 0}, r"steps_per_epoch must be an int >= 1, got 0; pass len\(train_loader\)"),
+        ({"anneal_soft_gradient": True}, r"anneal_soft_gradient applies while annealing: set anneal_end_epoch too"),
     ],
 )
 def test_schedule_config_errors(kwargs, message):
@@ -100,6 +101,29 @@ def test_the_pruner_anneals_every_mask_and_the_soft_mask_turns_hard():
     original = layer.parametrizations.weight.original.detach()
     soft = mask.soft_mask(original, 0.5)
     assert float(((soft > 0.01) & (soft < 0.99)).float().mean()) < 0.02, "almost every weight is fully in or out"
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "1:4", "channel"])
+def test_soft_gradient_keeps_the_starting_slope_while_annealing_and_changes_no_value(structure):
+    from torch import nn
+
+    from pdprune import PDPPruner, PruningConfig
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    schedule = {"warmup_epochs": 0, "ramp_end_epoch": 0, "anneal_end_epoch": 2, "steps_per_epoch": 2}
+    outputs, units = {}, {}
+    for soft in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        config = PruningConfig(sparsity=0.5, structure=structure, schedule=ScheduleConfig(**schedule, anneal_soft_gradient=soft))
+        pruner = PDPPruner(model, config, example_inputs=x)
+        units[soft] = next(iter(pruner.units.values()))
+        assert units[soft].gradient_temperature is None, "the ramp's end: not annealing yet"
+        pruner.step()
+        outputs[soft] = model(x)
+    torch.testing.assert_close(outputs[True], outputs[False])
+    assert units[False].gradient_temperature is None
+    assert units[True].gradient_temperature == pytest.approx(0.05) and units[True].temperature < 0.05
 
 
 def test_lamp_budgets_meet_the_target_never_empty_a_tensor_and_ignore_scale():

@@ -57,6 +57,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                          help="shrink tau after the ramp until this epoch, so the soft mask is hard before the end "
                               f"(default: {100 * ANNEAL_END_FRACTION:.0f}%% of --epochs for N:M and channel structures, none for unstructured)")
     pruning.add_argument("--no-anneal", action="store_true", help="keep tau fixed to the end, as in the paper, whatever the structure")
+    pruning.add_argument("--anneal-soft-gradient", action="store_true",
+                         help="while annealing, keep the starting mask's slope in the backward pass (a surrogate gradient; not in the paper)")
     pruning.add_argument("--straight-through", action="store_true",
                          help="pruned weights also learn as if kept (SR-STE's estimator), so a hard mask can still change; not in the paper")
     pruning.add_argument("--include", action="append", default=[], metavar="PATTERN", help="prune only modules matching (repeatable)")
@@ -100,7 +102,8 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
         layer_structures=layer_structures, on_incompatible=args.on_incompatible, straight_through=args.straight_through,
         include=tuple(args.include), exclude=tuple(args.exclude),
         schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch,
-                                ramp_shape=args.ramp_shape, anneal_end_epoch=anneal_end),
+                                ramp_shape=args.ramp_shape, anneal_end_epoch=anneal_end,
+                                anneal_soft_gradient=args.anneal_soft_gradient),
     )
     return train_config, pruning_config
 
