@@ -1,7 +1,8 @@
 """What the per-epoch accuracies of a benchmark grid show: per method and setting, the lowest accuracy
 after warm-up (where the ramp hurts), the soft model's accuracy at the last epoch, the hard cut's cost
 (accuracy after `finalize()` minus that) and the largest share of a tensor's weight energy the hard cut
-removed (`PDPPruner.hard_cut`; n/a for runs recorded before it). The README's study quotes these.
+removed (`PDPPruner.hard_cut`; n/a for runs recorded before it), and the training loss of the last
+three epochs (rising at the end: the schedule is hurting). The README's study quotes these.
 
     python benchmarks/study_histories.py benchmarks/results/quick benchmarks/results/quick_study
     python benchmarks/study_histories.py benchmarks/results/cifar10_resnet56_pretrained --after-epoch 0
@@ -31,10 +32,11 @@ def main() -> None:
             rows[(folder.name, run["method"], setting)].append((
                 f"{100 * min(later):.1f}" if later else "n/a", f"{100 * history[-1]:.2f}", f"{100 * (final - history[-1]):+.2f}",
                 "n/a" if energy is None else f"{100 * energy:.2f}",
+                " → ".join(f"{epoch['loss']:.3f}" for epoch in run["history"][-3:]),
             ))
     print(f"| grid | method | setting | seeds | lowest accuracy from epoch {args.after_epoch + 1} (%) | soft model, last epoch (%) "
-          "| hard cut - soft model (points) | weight energy the hard cut removed (max, %) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| hard cut - soft model (points) | weight energy the hard cut removed (max, %) | training loss, last 3 epochs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (grid, method, setting), runs in sorted(rows.items()):
         columns = [", ".join(values) for values in zip(*runs)]
         print(f"| {grid} | {method} | {setting} | {len(runs)} | " + " | ".join(columns) + " |")
