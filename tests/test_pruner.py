@@ -364,6 +364,11 @@ def test_finalize_measures_the_hard_cut_and_warns_when_it_is_large():
     with pytest.warns(UserWarning, match=r"the hard mask removes \d+% of the weight energy that '0.weight' computed with .*anneal_end_epoch.*update_bn"):
         soft.finalize()
     assert soft.hard_cut["0.weight"] > 0.05
+    annealing = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0, anneal_end_epoch=1, anneal_factor=1.0)
+    still_soft = PDPPruner(nn.Sequential(nn.Linear(8, 8)), PruningConfig(sparsity=0.5, temperature=5.0, schedule=annealing))
+    with pytest.warns(UserWarning, match=r"weight energy .* Re-estimate the BatchNorm statistics after finalize\(\)") as caught:
+        still_soft.finalize()
+    assert "anneal_end_epoch" not in str(caught[0].message), "it anneals already"
     hard = PDPPruner(nn.Sequential(nn.Linear(8, 8)), PruningConfig(sparsity=0.5, temperature=1e-4, schedule=IMMEDIATE))
     hard.finalize()
     assert hard.hard_cut["0.weight"] < 1e-3

@@ -184,11 +184,16 @@ class PDPPruner:
                 self.hard_cut[name] = float((soft - value).square().sum()) / used if used > 0 else 0.0
         worst = max(self.hard_cut, key=self.hard_cut.get, default=None)
         if worst is not None and self.hard_cut[worst] > HARD_CUT_WARNING:
+            remedy = (
+                "Re-estimate the BatchNorm statistics after finalize() (torch.optim.swa_utils.update_bn), which gave "
+                "the cost back on ResNet-20 at 1:4 (README)" if self.config.schedule.anneal_end_epoch is not None else
+                "Train with ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends; "
+                "for a model with BatchNorm already trained, re-estimating its statistics (torch.optim.swa_utils.update_bn) "
+                "recovers part"
+            )
             warnings.warn(
                 f"the hard mask removes {100 * self.hard_cut[worst]:.0f}% of the weight energy that {worst!r} computed "
-                "with (its soft mask let pruned weights contribute); expect an accuracy drop. Train with "
-                "ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends; for a model "
-                "with BatchNorm already trained, re-estimating its statistics (torch.optim.swa_utils.update_bn) recovers part",
+                f"with (its soft mask let pruned weights contribute); expect an accuracy drop. {remedy}",
                 stacklevel=3,
             )
         return baked
