@@ -87,6 +87,16 @@ def test_straight_through_reaches_the_config_and_is_refused_for_channels(tmp_pat
     assert "straight_through applies to unstructured and N:M masks, not to 'channel'" in capsys.readouterr().err
 
 
+def test_a_pretrained_model_is_pruned_from_the_first_step_and_reaches_the_target_early():
+    def schedule(*arguments):
+        _, pruning = _configs(build_parser().parse_args(["train", "--epochs", "6", *arguments]), steps_per_epoch=5)
+        return pruning.schedule.warmup_epochs, pruning.schedule.ramp_end_epoch
+
+    assert schedule() == (0.6, 3.0)
+    assert schedule("--pretrained", "model.pt") == (0.0, 1.0)
+    assert schedule("--pretrained", "model.pt", "--warmup-epochs", "0.5", "--ramp-end-epoch", "2") == (0.5, 2.0)
+
+
 def test_structured_pruning_anneals_by_default_and_unstructured_keeps_the_paper_s_form():
     def anneal_end(*arguments):
         _, pruning = _configs(build_parser().parse_args(["train", "--epochs", "10", *arguments]), steps_per_epoch=5)
