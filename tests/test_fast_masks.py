@@ -64,6 +64,20 @@ def test_masked_weight_matches_the_autograd_reference_values_and_gradients(compi
     torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_fused_surrogate_gradient_matches_the_autograd_reference(compiled):
+    weight = torch.randn(64, 33, dtype=torch.float64) * 0.1
+    t = midpoint_threshold(weight.square().reshape(1, -1), 1500).reshape(())
+    fast_w, reference_w = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    fast = masked_weight(fast_w, t, 5e-5, True, compiled=compiled, gradient_temperature=0.05)
+    reference = reference_w * soft_mask(reference_w.square(), t, temperature_for(t, 5e-5, True), temperature_for(t, 0.05, True))
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-15)
+    upstream = torch.randn_like(weight)
+    fast.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_grouped_thresholds_broadcast_in_the_fused_function():
     groups = torch.randn(10, 5, 4, dtype=torch.float64, requires_grad=True)
     t = midpoint_threshold(groups.detach().square(), 2)

@@ -14,8 +14,8 @@ from pdprune.masks import (
     is_nm_sparse,
     midpoint_threshold,
     pruned_count,
+    masked_weight,
     soft_mask,
-    straight_through,
     temperature_for,
     ungroup_along_inputs,
 )
@@ -71,11 +71,10 @@ def test_gradient_of_masked_weight_matches_closed_form():
 def test_straight_through_keeps_the_forward_and_lets_pruned_weights_learn_as_if_kept():
     weight = torch.randn(200, dtype=torch.float64, requires_grad=True)
     t = _threshold(weight.detach(), 0.7).squeeze()
-    tau = 1e-6 * t.square()  # nearly hard: PDP's own gradient below t is about 0
-    masked = weight * soft_mask(weight.square(), t, tau)
+    masked = masked_weight(weight, t, 1e-6, relative=True)  # tau = 1e-6 t^2, nearly hard: PDP's own gradient below t is about 0
     upstream = torch.randn(200, dtype=torch.float64)
-    (plain,) = torch.autograd.grad(masked, weight, upstream, retain_graph=True)
-    through = straight_through(weight, masked)
+    (plain,) = torch.autograd.grad(masked, weight, upstream)
+    through = masked_weight(weight, t, 1e-6, relative=True, straight_through=True)
     torch.testing.assert_close(through, masked, rtol=0, atol=0)
     (gradient,) = torch.autograd.grad(through, weight, upstream)
     m = masked.detach() / weight.detach()

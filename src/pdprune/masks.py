@@ -23,7 +23,6 @@ __all__ = [
     "temperature_for",
     "soft_mask",
     "masked_weight",
-    "straight_through",
     "group_thresholds",
     "hard_keep_mask",
     "group_along_inputs",
@@ -152,35 +151,50 @@ def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperatur
     return weight * torch.sigmoid((weight * weight - threshold_squared) / _tau(threshold_squared, temperature, relative))
 
 
-def _masked_weight_backward(grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor:
+def _masked_weight_backward(
+    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: float, relative: bool,
+    gradient_temperature: float | None, straight_through: bool,
+) -> Tensor:
     # m is recovered from the output (m = out / w): no exp, and nothing kept beyond the output that
     # the layer keeps for its own backward anyway (and t^2: one number per threshold).
     tau = _tau(threshold_squared, temperature, relative)
     m = torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared / tau))
-    return grad * m * (1 + 2 * (weight * weight) / tau * (1 - m))
+    if gradient_temperature is None:
+        local = m * (1 + 2 * (weight * weight) / tau * (1 - m))
+    else:  # the surrogate: the slope of the mask at gradient_temperature
+        slope_tau = _tau(threshold_squared, gradient_temperature, relative)
+        slope = torch.sigmoid((weight * weight - threshold_squared) / slope_tau)
+        local = m + 2 * (weight * weight) / slope_tau * slope * (1 - slope)
+    if straight_through:
+        local = local + (1 - m)
+    return grad * local
 
 
 class _MaskedWeight(torch.autograd.Function):
     """w * sigmoid((w^2 - t^2) / tau) with dw = m + (2 w^2 / tau) m (1 - m), in one pass each way."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, threshold_squared: Tensor, temperature: float, relative: bool, compiled: bool) -> Tensor:
+    def forward(
+        ctx, weight: Tensor, threshold_squared: Tensor, temperature: float, relative: bool, compiled: bool,
+        gradient_temperature: float | None, straight_through: bool,
+    ) -> Tensor:
         output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, temperature, relative)
         ctx.save_for_backward(weight, output, threshold_squared)
-        ctx.settings = (temperature, relative, compiled)
+        ctx.settings = (temperature, relative, compiled, gradient_temperature, straight_through)
         return output
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         weight, output, threshold_squared = ctx.saved_tensors
-        temperature, relative, compiled = ctx.settings
+        temperature, relative, compiled, gradient_temperature, straight_through = ctx.settings
         kernel = _BACKWARD if compiled else _masked_weight_backward
-        return kernel(grad.contiguous(), weight, output, threshold_squared, temperature, relative), None, None, None, None
+        gradient = kernel(grad.contiguous(), weight, output, threshold_squared, temperature, relative, gradient_temperature, straight_through)
+        return gradient, None, None, None, None, None, None
 
 
 def masked_weight(
     weight: Tensor, threshold: Tensor, temperature: float, relative: bool, compiled: bool = False,
-    gradient_temperature: float | None = None,
+    gradient_temperature: float | None = None, straight_through: bool = False,
 ) -> Tensor:
     """PDP's w * m(w), the values of `soft_mask` with `temperature_for`, fused: nothing but the output
     (which the layer keeps anyway) and t^2 is kept for the backward.
@@ -188,25 +202,17 @@ def masked_weight(
     Args:
         weight: any shape; `threshold` broadcasts against it (a scalar, or (..., 1) per group).
         compiled: run the two elementwise passes as `torch.compile` kernels (worth it on large tensors).
-        gradient_temperature: the surrogate gradient of `soft_mask` (unfused: PyTorch's autograd).
+        gradient_temperature: the backward uses the mask's slope at this temperature (`soft_mask`'s
+            surrogate gradient); the values stay those of `temperature`.
+        straight_through: each weight also gets (1 - m) times the gradient of its masked value, so a
+            pruned weight learns as if kept (SR-STE's estimator, Zhou et al. 2021; not in the PDP paper;
+            on ResNet-20 at 1:4 it gained nothing: README).
     """
-    if gradient_temperature is not None:
-        tau, slope_tau = (temperature_for(threshold.detach(), value, relative) for value in (temperature, gradient_temperature))
-        return weight * soft_mask(weight.square(), threshold.detach(), tau, slope_tau)
     threshold_squared = threshold.detach().square().to(weight.dtype)
-    return _MaskedWeight.apply(weight, threshold_squared, float(temperature), bool(relative), compiled)
-
-
-def straight_through(weight: Tensor, masked: Tensor) -> Tensor:
-    """`masked` (= w * m) in the forward pass; in the backward, each weight also gets (1 - m) times the
-    gradient of its masked value, so a pruned weight (m near 0) learns as if it were kept.
-
-    Not in the PDP paper: the straight-through estimator of SR-STE (Zhou et al., 2021). Under a nearly
-    hard mask PDP's own gradient below the threshold is about 0; this keeps pruned weights moving, so
-    they can still grow back above t (on ResNet-20 at 1:4 it gained nothing: README).
-    """
-    keep = torch.where(weight != 0, masked / weight, 0).detach()  # m, wherever it can be read back
-    return masked + (weight - weight.detach()) * (1 - keep)
+    return _MaskedWeight.apply(
+        weight, threshold_squared, float(temperature), bool(relative), compiled,
+        None if gradient_temperature is None else float(gradient_temperature), bool(straight_through),
+    )
 
 
 def _group_thresholds(groups: Tensor, pruned: int) -> Tensor:

@@ -21,7 +21,6 @@ from pdprune.masks import (
     order_statistics,
     pruned_count,
     soft_mask,
-    straight_through,
     temperature_for,
     ungroup_along_inputs,
 )
@@ -95,10 +94,6 @@ class SoftMask(MaskState):
         self.compile_kernels = compile_kernels
         self.straight_through = straight_through
 
-    def _gradient_path(self, weight: Tensor, masked: Tensor) -> Tensor:
-        """`masked`, with the straight-through gradient for pruned weights when that option is on."""
-        return straight_through(weight, masked) if self.straight_through else masked
-
     def _compiled(self, weight: Tensor) -> bool:
         # On a CPU the fused kernels halve PDP's memory traffic; on CUDA these passes are launch-bound
         # and a compiled call's guards cost more than they save (benchmarks/results/step_overhead_cuda.md).
@@ -146,8 +141,10 @@ class UnstructuredMask(SoftMask):
         if pruned >= weight.numel():
             return weight * 0
         threshold = self.threshold(weight, pruned)
-        masked = masked_weight(weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight), self.gradient_temperature)
-        return self._gradient_path(weight, masked)
+        return masked_weight(
+            weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight),
+            self.gradient_temperature, self.straight_through,
+        )
 
     def threshold(self, weight: Tensor, pruned: int) -> Tensor:
         """t (a one-element tensor), from a band around the last threshold when possible, else one selection.
@@ -211,8 +208,10 @@ class NMMask(SoftMask):
         groups = group_along_inputs(weight, self.m)  # (out, *kernel, in // m, m)
         compiled = self._compiled(weight)
         threshold = group_thresholds(groups, pruned, compiled)  # (out, *kernel, in // m, 1)
-        masked = masked_weight(groups, threshold, self.temperature, self.relative_temperature, compiled, self.gradient_temperature)
-        return self._gradient_path(weight, ungroup_along_inputs(masked, weight.shape))
+        masked = masked_weight(
+            groups, threshold, self.temperature, self.relative_temperature, compiled, self.gradient_temperature, self.straight_through
+        )
+        return ungroup_along_inputs(masked, weight.shape)
 
     @property
     def structure(self) -> str:  # type: ignore[override]
