@@ -44,6 +44,16 @@ def test_grid_expands_methods_sparsities_and_seeds(tmp_path):
     assert next(run for run in grid.runs if run.label).pdp == {"temperature": 0.1}
 
 
+def test_a_runs_entry_may_give_its_own_seeds(tmp_path):
+    (tmp_path / "grid.toml").write_text(GRID.replace('label = "pdp tau=0.1"', 'label = "pdp tau=0.1"\nseeds = [0, 1, 2]'))
+    runs = load_grid(tmp_path / "grid.toml").runs
+    assert sorted(run.seed for run in runs if run.label) == [0, 1, 2]
+    assert sorted(run.seed for run in runs if run.method == "gmp") == [0, 1]
+    (tmp_path / "bad.toml").write_text(GRID.replace('label = "pdp tau=0.1"', 'label = "pdp tau=0.1"\nseeds = []'))
+    with pytest.raises(ValueError, match=r"runs\[2\]: seeds must be"):
+        load_grid(tmp_path / "bad.toml")
+
+
 def test_grid_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     (tmp_path / "grid.toml").write_text(GRID)
     grid = load_grid(tmp_path / "grid.toml")

@@ -21,7 +21,8 @@ A grid is a TOML file (see `benchmarks/configs/`):
 
 Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
 `device` ("cuda"), and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields, and a
-`schedule` table of ScheduleConfig overrides) for PDP variants.
+`schedule` table of ScheduleConfig overrides) for PDP variants, and `seeds` (more seeds for the runs
+that a comparison hinges on than the grid's own).
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
             sparsities = [0.0] if method == "dense" else entry.get("sparsities", [1 - parsed[0] / parsed[1]] if isinstance(parsed, tuple) else None)
             if sparsities is None:
                 raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
+            seeds = entry.get("seeds", config["seeds"])
+            if not seeds or not all(isinstance(seed, int) for seed in seeds):
+                raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
             for sparsity in sparsities:
-                for seed in config["seeds"]:
+                for seed in seeds:
                     runs.append(RunSpec(
                         config["dataset"], config["model"], method, structure, float(sparsity), int(seed),
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
