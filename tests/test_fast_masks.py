@@ -78,6 +78,19 @@ def test_the_fused_surrogate_gradient_matches_the_autograd_reference(compiled):
     torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("relative", [True, False])
+def test_an_annealed_temperature_does_not_recompile_the_kernels(relative):
+    from torch._dynamo.utils import counters
+
+    weight = torch.randn(37, 29, requires_grad=True)  # a shape no other test compiles for
+    t = midpoint_threshold(weight.detach().square().reshape(1, -1), 500).reshape(())
+    graphs = []
+    for temperature in (0.05, 0.01, 0.002, 4e-4):
+        masked_weight(weight, t, temperature if relative else temperature * 0.01, relative, compiled=True).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 3  # compiled once (forward and backward), then reused at every temperature
+
+
 def test_grouped_thresholds_broadcast_in_the_fused_function():
     groups = torch.randn(10, 5, 4, dtype=torch.float64, requires_grad=True)
     t = midpoint_threshold(groups.detach().square(), 2)

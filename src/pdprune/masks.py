@@ -143,16 +143,16 @@ def soft_mask(
     return slope + (mask - slope).detach()
 
 
-def _tau(threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor | float:
+def _tau(threshold_squared: Tensor, temperature: float | Tensor, relative: bool) -> Tensor | float:
     return (temperature * threshold_squared).clamp_min(torch.finfo(threshold_squared.dtype).tiny) if relative else temperature
 
 
-def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperature: float, relative: bool) -> Tensor:
+def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperature: float | Tensor, relative: bool) -> Tensor:
     return weight * torch.sigmoid((weight * weight - threshold_squared) / _tau(threshold_squared, temperature, relative))
 
 
 def _masked_weight_backward(
-    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: float, relative: bool,
+    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: float | Tensor, relative: bool,
     gradient_temperature: float | None, straight_through: bool,
 ) -> Tensor:
     # m is recovered from the output (m = out / w): no exp, and nothing kept beyond the output that
@@ -175,7 +175,7 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, weight: Tensor, threshold_squared: Tensor, temperature: float, relative: bool, compiled: bool,
+        ctx, weight: Tensor, threshold_squared: Tensor, temperature: float | Tensor, relative: bool, compiled: bool,
         gradient_temperature: float | None, straight_through: bool,
     ) -> Tensor:
         output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, temperature, relative)
@@ -209,8 +209,11 @@ def masked_weight(
             on ResNet-20 at 1:4 it gained nothing: README).
     """
     threshold_squared = threshold.detach().square().to(weight.dtype)
+    temperature = float(temperature)
+    if compiled:  # as a float it would be a guard, and an anneal would recompile the kernels at every step
+        temperature = torch.full((), temperature, dtype=weight.dtype, device=weight.device)
     return _MaskedWeight.apply(
-        weight, threshold_squared, float(temperature), bool(relative), compiled,
+        weight, threshold_squared, temperature, bool(relative), compiled,
         None if gradient_temperature is None else float(gradient_temperature), bool(straight_through),
     )
 
