@@ -78,6 +78,30 @@ def test_schedule_options_reach_the_pruning_config(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
+def test_n_m_masks_anneal_with_the_soft_gradient_by_default():
+    def soft_gradient(*arguments):
+        _, pruning = _configs(build_parser().parse_args(["train", "--epochs", "10", *arguments]), steps_per_epoch=5)
+        return pruning.schedule.anneal_soft_gradient
+
+    assert soft_gradient("--structure", "1:4") and soft_gradient("--layer-structure", "fc*=2:4")
+    assert not soft_gradient() and not soft_gradient("--structure", "channel")
+    assert not soft_gradient("--structure", "1:4", "--no-anneal-soft-gradient")
+    assert not soft_gradient("--structure", "1:4", "--no-anneal")  # nothing anneals: no surrogate either
+    assert soft_gradient("--structure", "channel", "--anneal-soft-gradient")
+
+
+def test_a_costly_hard_cut_re_estimates_batchnorm_unless_told_not_to(tmp_path, capsys):
+    arguments = ["train", "--model", "resnet20", "--structure", "channel", "--sparsity", "0.5", "--epochs", "2",
+                 "--no-anneal", "--no-dense", "--quiet"]  # the fixed tau's hard cut at channels is costly
+    with pytest.warns(UserWarning, match="the hard mask removes"):
+        assert main([*arguments, "--out", str(tmp_path / "auto")]) == 0
+    assert "re-estimating BatchNorm (--no-recalibrate-bn to skip)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "auto" / "run.json").read_text())["pdp_accuracy_bn_recalibrated"] is not None
+    with pytest.warns(UserWarning, match="the hard mask removes"):
+        assert main([*arguments, "--no-recalibrate-bn", "--out", str(tmp_path / "off")]) == 0
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["pdp_accuracy_bn_recalibrated"] is None
+
+
 def test_straight_through_reaches_the_config_and_is_refused_for_channels(tmp_path, capsys):
     _, pruning = _configs(build_parser().parse_args(["train", "--structure", "1:4", "--straight-through"]), steps_per_epoch=5)
     assert pruning.straight_through

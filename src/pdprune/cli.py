@@ -17,8 +17,8 @@ from pdprune.data import DATASETS, load_dataset
 from pdprune.experiments import load_grid, run_grid, summarize
 from pdprune.export import export_onnx, read_state_dict, save_sparse
 from pdprune.models import MODELS, build_model, load_pretrained
-from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig
-from pdprune.pruner import PDPPruner
+from pdprune.config import DEFAULT_TEMPERATURE, TEMPERATURE_MODES, PruningConfig, parse_structure
+from pdprune.pruner import HARD_CUT_WARNING, PDPPruner
 from pdprune.report import plot_sparsity, state_dict_sparsity
 from pdprune.schedule import ALLOCATIONS, RAMP_SHAPES, ScheduleConfig
 from pdprune.structure import compact, count_macs_and_parameters, save_compacted
@@ -61,8 +61,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                          help="shrink tau after the ramp until this epoch, so the soft mask is hard before the end "
                               f"(default: {100 * ANNEAL_END_FRACTION:.0f}%% of --epochs for N:M and channel structures, none for unstructured)")
     pruning.add_argument("--no-anneal", action="store_true", help="keep tau fixed to the end, as in the paper, whatever the structure")
-    pruning.add_argument("--anneal-soft-gradient", action="store_true",
-                         help="while annealing, keep the starting mask's slope in the backward pass (a surrogate gradient; not in the paper)")
+    pruning.add_argument("--anneal-soft-gradient", action=argparse.BooleanOptionalAction, default=None,
+                         help="while annealing, keep the starting mask's slope in the backward pass (a surrogate gradient; not in the paper; "
+                              "default: on when N:M masks anneal: README, the full tier)")
     pruning.add_argument("--straight-through", action="store_true",
                          help="pruned weights also learn as if kept (SR-STE's estimator), so a hard mask can still change; not in the paper")
     pruning.add_argument("--include", action="append", default=[], metavar="PATTERN", help="prune only modules matching (repeatable)")
@@ -76,9 +77,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES, help="default: %(default)s")
     training.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     training.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    training.add_argument("--recalibrate-bn", action="store_true",
+    training.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                           help="after pruning, re-estimate BatchNorm statistics on 100 training batches; model.pt keeps them "
-                               "(gives back part of a costly hard cut: README, 'After a costly hard cut')")
+                               "(gives back a costly hard cut: README, 'After a costly hard cut'; default: when the model has "
+                               f"BatchNorm and the hard cut removed over {100 * HARD_CUT_WARNING:g}%% of a tensor's weight energy)")
     training.add_argument("--channels-last", action="store_true", help="NHWC layout for image models (faster convolutions on CPU)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<dataset>-<model>-<time>)")
@@ -98,9 +100,12 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
     if args.no_anneal and args.anneal_end_epoch is not None:
         raise ValueError(f"give --anneal-end-epoch or --no-anneal, not both (got --anneal-end-epoch {args.anneal_end_epoch:g})")
     anneal_end = args.anneal_end_epoch
-    structured = any(structure != "unstructured" for structure in (args.structure, *layer_structures.values()))
-    if anneal_end is None and structured and not args.no_anneal and ramp_end < args.epochs:
+    structures = (args.structure, *layer_structures.values())
+    if anneal_end is None and any(s != "unstructured" for s in structures) and not args.no_anneal and ramp_end < args.epochs:
         anneal_end = round(max(ANNEAL_END_FRACTION * args.epochs, (ramp_end + args.epochs) / 2), 2)
+    soft_gradient = args.anneal_soft_gradient
+    if soft_gradient is None:
+        soft_gradient = anneal_end is not None and any(isinstance(parse_structure(s), tuple) for s in structures)
     pruning_config = PruningConfig(
         sparsity=args.sparsity, structure=args.structure, allocation=args.allocation,
         temperature=args.temperature, temperature_mode=args.temperature_mode,
@@ -108,7 +113,7 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
         include=tuple(args.include), exclude=tuple(args.exclude),
         schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch,
                                 ramp_shape=args.ramp_shape, anneal_end_epoch=anneal_end,
-                                anneal_soft_gradient=args.anneal_soft_gradient),
+                                anneal_soft_gradient=soft_gradient),
     )
     return train_config, pruning_config
 
@@ -149,7 +154,11 @@ def command_train(args: argparse.Namespace) -> int:
     pruned = train(model, dataset, train_config, pruner, progress=not args.quiet, description="PDP")
     report = pruner.report()
     recalibrated = None
-    if args.recalibrate_bn:
+    worst_cut = max(pruner.hard_cut.values(), default=0.0)
+    if args.recalibrate_bn or (args.recalibrate_bn is None and has_batchnorm(model) and worst_cut > HARD_CUT_WARNING):
+        if args.recalibrate_bn is None:
+            print(f"the hard cut removed {100 * worst_cut:.1f}% of a tensor's weight energy: re-estimating BatchNorm "
+                  "(--no-recalibrate-bn to skip)")
         recalibrate_batchnorm(model, dataset, args.batch_size, seed=args.seed)
         recalibrated = evaluate_splits(model, dataset)
 
