@@ -38,7 +38,8 @@ class ScheduleConfig:
         anneal_soft_gradient: not in the paper, off by default: while annealing, the backward pass keeps
             the slope of the mask at the starting temperature (a surrogate gradient). The sharpened
             mask's own slope grows as 1/tau at each threshold and throws the weights there far at every
-            step; N:M and channels have a threshold per group, so many weights.
+            step; N:M has a threshold per group, so many weights (ResNet-20 at 1:4: 2.6 points better
+            than the plain anneal; at channels it did not help: README).
         reallocate: not in the paper, off by default: redo the global allocation at every new epoch of
             the ramp (as gradual magnitude pruning does at each update) instead of once after warm-up.
         ramp_shape: "linear" (the paper's r_l(e) = min(1, eps * (e - s + 1)) * r_l) or "cubic"
