@@ -46,6 +46,14 @@ def test_band_order_statistics_are_exact_or_say_they_missed(numel, sparsity, wid
         assert torch.equal(result[0], a) and torch.equal(result[1], b)
 
 
+def _assert_same_values_and_gradients(fast: torch.Tensor, fast_w: torch.Tensor, reference: torch.Tensor, reference_w: torch.Tensor) -> None:
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-15)
+    upstream = torch.randn_like(fast)
+    fast.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("relative", [True, False])
 def test_masked_weight_matches_the_autograd_reference_values_and_gradients(compiled, relative):
@@ -57,11 +65,7 @@ def test_masked_weight_matches_the_autograd_reference_values_and_gradients(compi
     reference_w = weight.clone().requires_grad_()
     fast = masked_weight(fast_w, t, 0.05 if relative else 1e-3, relative, compiled=compiled)
     reference = reference_w * soft_mask(reference_w.square(), t, tau)
-    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-15)
-    upstream = torch.randn_like(weight)
-    fast.backward(upstream)
-    reference.backward(upstream)
-    torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
+    _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -71,11 +75,7 @@ def test_the_fused_surrogate_gradient_matches_the_autograd_reference(compiled):
     fast_w, reference_w = weight.clone().requires_grad_(), weight.clone().requires_grad_()
     fast = masked_weight(fast_w, t, 5e-5, True, compiled=compiled, gradient_temperature=0.05)
     reference = reference_w * soft_mask(reference_w.square(), t, temperature_for(t, 5e-5, True), temperature_for(t, 0.05, True))
-    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-15)
-    upstream = torch.randn_like(weight)
-    fast.backward(upstream)
-    reference.backward(upstream)
-    torch.testing.assert_close(fast_w.grad, reference_w.grad, rtol=1e-9, atol=1e-12)
+    _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
 
 @pytest.mark.parametrize("relative", [True, False])
