@@ -1,6 +1,6 @@
 """What the per-epoch accuracies of a benchmark grid show: per method and setting, the lowest accuracy
 after warm-up (where the ramp hurts), the soft model's accuracy at the last epoch, the hard cut's cost
-(accuracy after `finalize()` minus that), the largest share of a tensor's weight energy the hard cut
+(accuracy after `finalize()` minus that), the accuracy after `finalize()`, the largest share of a tensor's weight energy the hard cut
 removed (`PDPPruner.hard_cut`; n/a for runs recorded before it), the accuracy once BatchNorm was
 re-estimated (n/a: not recorded), and the training loss of the last three epochs (rising at the end:
 the schedule is hurting); one value per seed, in the seeds' order. The README's study quotes these.
@@ -32,15 +32,15 @@ def main() -> None:
             energy, later = run.get("hard_cut_max"), history[args.after_epoch :]
             recalibrated = run.get("accuracy_bn_recalibrated")
             rows[(folder.name, run["method"], setting)].append((
-                str(run["seed"]), f"{100 * min(later):.1f}" if later else "n/a", f"{100 * history[-1]:.2f}", f"{100 * (final - history[-1]):+.2f}",
+                str(run["seed"]), f"{100 * min(later):.1f}" if later else "n/a", f"{100 * history[-1]:.2f}", f"{100 * (final - history[-1]):+.2f}", f"{100 * final:.2f}",
                 "n/a" if energy is None else f"{100 * energy:.2f}",
                 "n/a" if recalibrated is None else f"{100 * recalibrated[split]:.2f}",
                 " → ".join(f"{epoch['loss']:.3f}" for epoch in run["history"][-3:]),
             ))
     print(f"| grid | method | setting | seed | lowest accuracy from epoch {args.after_epoch + 1} (%) | soft model, last epoch (%) "
-          "| hard cut - soft model (points) | weight energy the hard cut removed (max, %) | BatchNorm re-estimated (%) "
+          "| hard cut - soft model (points) | after finalize() (%) | weight energy the hard cut removed (max, %) | BatchNorm re-estimated (%) "
           "| training loss, last 3 epochs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (grid, method, setting), runs in sorted(rows.items()):
         columns = [", ".join(values) for values in zip(*sorted(runs, key=lambda run: int(run[0])))]
         print(f"| {grid} | {method} | {setting} | " + " | ".join(columns) + " |")
