@@ -31,7 +31,10 @@ def _torch_pruning():
     try:
         import torch_pruning
     except ImportError as error:
-        raise ImportError("channel pruning uses Torch-Pruning's dependency graph: pip install torch-pruning") from error
+        raise ImportError(
+            "channel pruning, compaction and MAC counts use Torch-Pruning, a dependency of pdprune that is not "
+            "installed here: pip install torch-pruning"
+        ) from error
     return torch_pruning
 
 

@@ -167,7 +167,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())  # map_location moved it to the model's device
         first_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
 
     primary = dataset.primary_evaluation
