@@ -78,16 +78,19 @@ def test_schedule_options_reach_the_pruning_config(capsys):
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
 
 
-def test_n_m_masks_anneal_with_the_soft_gradient_by_default():
-    def soft_gradient(*arguments):
+def test_n_m_masks_anneal_with_the_soft_gradient_and_straight_through_by_default():
+    def gradients(*arguments):
         _, pruning = _configs(build_parser().parse_args(["train", "--epochs", "10", *arguments]), steps_per_epoch=5)
-        return pruning.schedule.anneal_soft_gradient
+        return pruning.schedule.anneal_soft_gradient, pruning.straight_through
 
-    assert soft_gradient("--structure", "1:4") and soft_gradient("--layer-structure", "fc*=2:4")
-    assert not soft_gradient() and not soft_gradient("--structure", "channel")
-    assert not soft_gradient("--structure", "1:4", "--no-anneal-soft-gradient")
-    assert not soft_gradient("--structure", "1:4", "--no-anneal")  # nothing anneals: no surrogate either
-    assert soft_gradient("--structure", "channel", "--anneal-soft-gradient")
+    assert gradients("--structure", "1:4") == (True, True) and gradients("--layer-structure", "fc*=2:4") == (True, True)
+    assert gradients() == (False, False) and gradients("--structure", "channel") == (False, False)
+    assert gradients("--structure", "1:4", "--no-anneal-soft-gradient") == (False, False)
+    assert gradients("--structure", "1:4", "--no-straight-through") == (True, False)
+    assert gradients("--structure", "1:4", "--no-anneal") == (False, False)  # nothing anneals: no surrogate either
+    assert gradients("--structure", "channel", "--anneal-soft-gradient") == (True, False)  # refused for channels
+    assert gradients("--structure", "1:4", "--layer-structure", "conv*=channel") == (True, False)
+    assert gradients("--straight-through") == (False, True)
 
 
 def test_a_costly_hard_cut_re_estimates_batchnorm_unless_told_not_to(tmp_path, capsys):

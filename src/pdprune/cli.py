@@ -64,8 +64,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     pruning.add_argument("--anneal-soft-gradient", action=argparse.BooleanOptionalAction, default=None,
                          help="while annealing, keep the starting mask's slope in the backward pass (a surrogate gradient; not in the paper; "
                               "default: on when N:M masks anneal: README, the full tier)")
-    pruning.add_argument("--straight-through", action="store_true",
-                         help="pruned weights also learn as if kept (SR-STE's estimator), so a hard mask can still change; not in the paper")
+    pruning.add_argument("--straight-through", action=argparse.BooleanOptionalAction, default=None,
+                         help="pruned weights also learn as if kept (SR-STE's estimator); not in the paper (default: on with the "
+                              "soft gradient unless a layer is pruned by channel: with it, PDP is level with SR-STE at 1:4; README)")
     pruning.add_argument("--include", action="append", default=[], metavar="PATTERN", help="prune only modules matching (repeatable)")
     pruning.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="never prune modules matching (repeatable)")
     training = parser.add_argument_group("training")
@@ -106,10 +107,13 @@ def _configs(args: argparse.Namespace, steps_per_epoch: int) -> tuple[TrainConfi
     soft_gradient = args.anneal_soft_gradient
     if soft_gradient is None:
         soft_gradient = anneal_end is not None and any(isinstance(parse_structure(s), tuple) for s in structures)
+    straight_through = args.straight_through
+    if straight_through is None:
+        straight_through = soft_gradient and "channel" not in structures
     pruning_config = PruningConfig(
         sparsity=args.sparsity, structure=args.structure, allocation=args.allocation,
         temperature=args.temperature, temperature_mode=args.temperature_mode,
-        layer_structures=layer_structures, on_incompatible=args.on_incompatible, straight_through=args.straight_through,
+        layer_structures=layer_structures, on_incompatible=args.on_incompatible, straight_through=straight_through,
         include=tuple(args.include), exclude=tuple(args.exclude),
         schedule=ScheduleConfig(warmup_epochs=warmup, ramp_end_epoch=ramp_end, steps_per_epoch=steps_per_epoch,
                                 ramp_shape=args.ramp_shape, anneal_end_epoch=anneal_end,

@@ -67,8 +67,8 @@ class PruningConfig:
         straight_through: not in the paper, off by default: pruned weights also get the gradient of their
             masked value, as if kept (SR-STE's straight-through estimator), so that a nearly hard mask
             (late in an anneal) can still change which weights stay (on ResNet-20 at 1:4 it gained
-            nothing over the plain anneal; with `anneal_soft_gradient` it came within 0.2 points of
-            SR-STE, one seed: README). Unstructured and N:M only: a pruned
+            nothing over the plain anneal; with `anneal_soft_gradient` it is level with SR-STE, three
+            seeds, and the CLI turns it on with the soft gradient: README). Unstructured and N:M only: a pruned
             channel's zeroed norm scale would block the gradient to its filters anyway.
         compile_kernels: run the soft mask of large tensors as `torch.compile`d kernels (falls back to
             eager PyTorch by itself where compiling is impossible).
