@@ -54,6 +54,17 @@ def test_a_runs_entry_may_give_its_own_seeds(tmp_path):
         load_grid(tmp_path / "bad.toml")
 
 
+def test_a_runs_entry_may_give_every_method_its_own_schedule(tmp_path):
+    entry = '[[runs]]\nmethods = ["gmp"]\nlabel = "gmp early"\nsparsities = [0.8]\nschedule = { ramp_end_epoch = 0.75 }\n'
+    (tmp_path / "grid.toml").write_text(GRID + entry)
+    runs = load_grid(tmp_path / "grid.toml").runs
+    assert {(run.warmup_epochs, run.ramp_end_epoch) for run in runs if run.label == "gmp early"} == {(0.5, 0.75)}
+    assert {(run.warmup_epochs, run.ramp_end_epoch) for run in runs if run.method == "gmp" and not run.label} == {(0.5, 1.0)}
+    (tmp_path / "bad.toml").write_text(GRID + entry.replace("ramp_end_epoch", "anneal_end_epoch"))
+    with pytest.raises(ValueError, match=r"runs\[3\]: schedule takes warmup_epochs and ramp_end_epoch, got \['anneal_end_epoch'\]"):
+        load_grid(tmp_path / "bad.toml")
+
+
 def test_grid_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     (tmp_path / "grid.toml").write_text(GRID)
     grid = load_grid(tmp_path / "grid.toml")

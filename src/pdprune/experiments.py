@@ -21,8 +21,9 @@ A grid is a TOML file (see `benchmarks/configs/`):
 
 Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
 `device` ("cuda"), and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields, and a
-`schedule` table of ScheduleConfig overrides) for PDP variants, and `seeds` (more seeds for the runs
-that a comparison hinges on than the grid's own).
+`schedule` table of ScheduleConfig overrides) for PDP variants, `schedule` (its own `warmup_epochs`
+and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), and `seeds` (more
+seeds for the runs that a comparison hinges on than the grid's own).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
             if sparsities is None:
                 raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
             seeds = entry.get("seeds", config["seeds"])
+            entry_schedule = {**schedule, **entry.get("schedule", {})}
+            unknown = set(entry_schedule) - {"warmup_epochs", "ramp_end_epoch"}
+            if unknown:
+                raise ValueError(f"runs[{index}]: schedule takes warmup_epochs and ramp_end_epoch, got {sorted(unknown)}; "
+                                 "other ScheduleConfig fields go under pdp = {{ schedule = {{ ... }} }}")
             if not seeds or not all(isinstance(seed, int) for seed in seeds):
                 raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
             for sparsity in sparsities:
@@ -122,7 +128,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                     runs.append(RunSpec(
                         config["dataset"], config["model"], method, structure, float(sparsity), int(seed),
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
-                        float(schedule.get("warmup_epochs", 1)), float(schedule.get("ramp_end_epoch", train_config.epochs // 2)),
+                        float(entry_schedule.get("warmup_epochs", 1)), float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2)),
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
                         config.get("train_limit"), config.get("device", "cpu"),
                     ))
