@@ -97,6 +97,15 @@ class Grid:
     config: dict[str, Any]
 
 
+def _checked_schedule(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A grid's schedule table: every method's warm-up and ramp end, nothing else."""
+    unknown = sorted(set(table) - {"warmup_epochs", "ramp_end_epoch"})
+    if unknown:
+        raise ValueError(f"{where} takes warmup_epochs and ramp_end_epoch, got {unknown}; "
+                         "other ScheduleConfig fields go under pdp = { schedule = { ... } }")
+    return table
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read a grid TOML file and expand it into runs. Raises ValueError naming the bad entry."""
     config = tomllib.loads(Path(path).read_text())
@@ -104,9 +113,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
         if required not in config:
             raise ValueError(f"grid {str(path)!r} lacks {required!r}")
     train_config = TrainConfig(**config.get("train", {}))
-    schedule = config.get("schedule", {})
+    schedule = _checked_schedule(config.get("schedule", {}), "[schedule]")
     runs = []
     for index, entry in enumerate(config["runs"]):
+        entry_schedule = {**schedule, **_checked_schedule(entry.get("schedule", {}), f"runs[{index}]: schedule")}
+        warmup_epochs = float(entry_schedule.get("warmup_epochs", 1))
+        ramp_end_epoch = float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2))
         for method in entry["methods"]:
             if method not in METHODS:
                 raise ValueError(f"runs[{index}]: unknown method {method!r}; choose from {list(METHODS)}")
@@ -116,11 +128,6 @@ def load_grid(path: str | os.PathLike) -> Grid:
             if sparsities is None:
                 raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
             seeds = entry.get("seeds", config["seeds"])
-            entry_schedule = {**schedule, **entry.get("schedule", {})}
-            unknown = set(entry_schedule) - {"warmup_epochs", "ramp_end_epoch"}
-            if unknown:
-                raise ValueError(f"runs[{index}]: schedule takes warmup_epochs and ramp_end_epoch, got {sorted(unknown)}; "
-                                 "other ScheduleConfig fields go under pdp = {{ schedule = {{ ... }} }}")
             if not seeds or not all(isinstance(seed, int) for seed in seeds):
                 raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
             for sparsity in sparsities:
@@ -128,7 +135,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                     runs.append(RunSpec(
                         config["dataset"], config["model"], method, structure, float(sparsity), int(seed),
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
-                        float(entry_schedule.get("warmup_epochs", 1)), float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2)),
+                        warmup_epochs, ramp_end_epoch,
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
                         config.get("train_limit"), config.get("device", "cpu"),
                     ))
