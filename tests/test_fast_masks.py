@@ -9,8 +9,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig
-from pdprune.masks import band_order_statistics, masked_weight, midpoint_threshold, order_statistics, soft_mask, temperature_for
+from pdprune.masks import (
+    band_order_statistics,
+    batched_order_statistics,
+    group_threshold_squares,
+    masked_weight,
+    midpoint_threshold,
+    order_statistics,
+    soft_mask,
+    temperature_for,
+)
 from pdprune.parametrizations import BAND_FROM, NMMask, UnstructuredMask
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=like.dtype)
 
 
 def _sorted_pair(values: torch.Tensor, pruned: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +76,7 @@ def test_masked_weight_matches_the_autograd_reference_values_and_gradients(compi
     tau = temperature_for(t, 0.05 if relative else 1e-3, relative)
     fast_w = weight.clone().requires_grad_()
     reference_w = weight.clone().requires_grad_()
-    fast = masked_weight(fast_w, t, 0.05 if relative else 1e-3, relative, compiled=compiled)
+    fast = masked_weight(fast_w, t.square(), _scalar(0.05 if relative else 1e-3, weight), relative, compiled=compiled)
     reference = reference_w * soft_mask(reference_w.square(), t, tau)
     _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
@@ -73,7 +86,7 @@ def test_the_fused_surrogate_gradient_matches_the_autograd_reference(compiled):
     weight = torch.randn(64, 33, dtype=torch.float64) * 0.1
     t = midpoint_threshold(weight.square().reshape(1, -1), 1500).reshape(())
     fast_w, reference_w = weight.clone().requires_grad_(), weight.clone().requires_grad_()
-    fast = masked_weight(fast_w, t, 5e-5, True, compiled=compiled, gradient_temperature=0.05)
+    fast = masked_weight(fast_w, t.square(), _scalar(5e-5, weight), True, compiled=compiled, gradient_temperature=_scalar(0.05, weight))
     reference = reference_w * soft_mask(reference_w.square(), t, temperature_for(t, 5e-5, True), temperature_for(t, 0.05, True))
     _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
@@ -86,7 +99,8 @@ def test_an_annealed_temperature_does_not_recompile_the_kernels(relative):
     t = midpoint_threshold(weight.detach().square().reshape(1, -1), 500).reshape(())
     graphs = []
     for temperature in (0.05, 0.01, 0.002, 4e-4):
-        masked_weight(weight, t, temperature if relative else temperature * 0.01, relative, compiled=True).sum().backward()
+        value = torch.tensor(temperature if relative else temperature * 0.01)
+        masked_weight(weight, t.square(), value, relative, compiled=True).sum().backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == graphs[:1] * 3  # compiled once (forward and backward), then reused at every temperature
 
@@ -95,9 +109,9 @@ def test_grouped_thresholds_broadcast_in_the_fused_function():
     groups = torch.randn(10, 5, 4, dtype=torch.float64, requires_grad=True)
     t = midpoint_threshold(groups.detach().square(), 2)
     tau = temperature_for(t, 0.05, True)
-    fast = masked_weight(groups, t, 0.05, True)
+    fast = masked_weight(groups, t.square(), _scalar(0.05, groups), True)
     torch.testing.assert_close(fast, groups * soft_mask(groups.square(), t, tau))
-    assert torch.autograd.gradcheck(lambda w: masked_weight(w, t, 0.05, True), (groups,))
+    assert torch.autograd.gradcheck(lambda w: masked_weight(w, t.square(), _scalar(0.05, groups), True), (groups,))
 
 
 def _reference_forward(mask, weight):
@@ -126,18 +140,63 @@ def test_every_training_step_uses_the_reference_threshold_and_mask(shape, struct
         assert mask._band is not None, "the band path ran"
 
 
+def _manual_sgd(parameters):
+    parameters = list(parameters)
+
+    class ManualSGD:  # what tutorials write: updates through .data bump no version counter, and no hook runs
+        def step(self) -> None:
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.data.add_(parameter.grad, alpha=-0.5)
+
+        def zero_grad(self) -> None:
+            for parameter in parameters:
+                parameter.grad = None
+
+    return ManualSGD()
+
+
+@pytest.mark.parametrize("updates", ["fused AdamW", "manual .data", "pruner stepped once per epoch"])
+def test_the_thresholds_follow_every_update_of_the_weights(updates):
+    """Fused optimizers change weights without bumping their version counters, and hand-written updates
+    run no optimizer hook: the masks must follow all of them, as the paper's t does."""
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 30)
+    model = nn.Sequential(layer)
+    per_epoch = updates == "pruner stepped once per epoch"
+    schedule = ScheduleConfig(warmup_epochs=0, ramp_end_epoch=1 if per_epoch else 3, steps_per_epoch=1 if per_epoch else 4)
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.9, schedule=schedule))
+    mask = layer.parametrizations.weight[0]
+    if updates == "manual .data":
+        optimizer = _manual_sgd(model.parameters())
+    elif updates == "fused AdamW":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    inputs = torch.randn(8, 40)
+    for step in range(12):
+        original = layer.parametrizations.weight.original
+        version = original._version
+        torch.testing.assert_close(layer.weight, _reference_forward(mask, original), rtol=1e-5, atol=1e-7, msg=f"step {step}")
+        model(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if not per_epoch or step % 4 == 3:
+            pruner.step()
+    assert updates == "pruner stepped once per epoch" or original._version == version, "updates that bump no version counter"
+
+
 def test_the_band_path_follows_moving_weights_exactly():
     weight = torch.randn(400, 400)
-    mask = UnstructuredMask(0.05, True)
+    mask = UnstructuredMask(weight, 0.05, True)
     mask.sparsity = 0.9
     generator = torch.Generator().manual_seed(0)
     misses = 0
     for step in range(30):
         pruned = round(0.9 * weight.numel())
         band = mask._band
-        threshold = mask.threshold(weight, pruned)
         expected = midpoint_threshold(weight.square().reshape(1, -1), pruned).reshape(())
-        assert torch.equal(threshold, expected)
+        assert torch.equal(mask.threshold_squares(weight), expected.square())
         misses += band is not None and band_order_statistics(weight, pruned, *band) is None
         weight = weight + 0.01 * torch.randn(weight.shape, generator=generator) * (10 if step == 15 else 1)
     assert misses <= 3
@@ -159,7 +218,7 @@ def test_the_fused_function_saves_no_more_than_the_weight_and_its_output():
             function()
         return sum(sizes)
 
-    fast = saved_bytes(lambda: masked_weight(weight, t, 0.05, True))
+    fast = saved_bytes(lambda: masked_weight(weight, t.square(), torch.tensor(0.05), True))
     reference = saved_bytes(lambda: weight * soft_mask(weight.square(), t, tau))
     assert fast <= weight.numel() * 4 + 64, "only the output (which the layer keeps anyway) and scalars"
     assert reference >= 2 * weight.numel() * 4
@@ -168,26 +227,33 @@ def test_the_fused_function_saves_no_more_than_the_weight_and_its_output():
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("m,pruned", [(4, 2), (4, 3), (8, 4), (8, 1), (16, 12)])
 def test_group_thresholds_equal_the_sort_even_with_ties(compiled, m, pruned):
-    from pdprune.masks import group_thresholds
+    groups = torch.randn(30, m, 7, dtype=torch.float64) * 0.1  # (groups, m, positions)
+    groups[0, :, 0] = 0.25  # a group of ties
+    groups[1, :2, 1] = 0.0
+    groups[2, ::2, 2] = -groups[2, 1::2, 2]  # ties in magnitude, opposite signs
+    expected = midpoint_threshold(groups.square().transpose(1, 2), pruned).square().transpose(1, 2)  # (groups, 1, positions)
+    assert torch.equal(group_threshold_squares(groups, pruned, dim=1, compiled=compiled), expected)
 
-    groups = torch.randn(30, 7, m, dtype=torch.float64) * 0.1
-    groups[0, 0] = 0.25  # a group of ties
-    groups[1, 1, :2] = 0.0
-    groups[2, 2, ::2] = -groups[2, 2, 1::2]  # ties in magnitude, opposite signs
-    assert torch.equal(group_thresholds(groups, pruned, compiled), midpoint_threshold(groups.square(), pruned))
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(2, 400), min_size=1, max_size=6), data=st.data())
+def test_batched_order_statistics_equal_a_sort_per_tensor(sizes, data):
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 999)))
+    squares = [torch.randint(0, data.draw(st.sampled_from([3, 1000])), (size,), generator=generator).float() / 7 for size in sizes]
+    pruned = [data.draw(st.integers(1, size - 1)) for size in sizes]
+    largest_pruned, smallest_kept = batched_order_statistics(squares, pruned)
+    for i, (values, count) in enumerate(zip(squares, pruned)):
+        a, b = _sorted_pair(values, count)
+        assert float(largest_pruned[i]) == float(a) and float(smallest_kept[i]) == float(b)
 
 
-def test_the_threshold_is_reused_only_while_the_weight_is_unchanged():
+def test_a_weight_changed_outside_the_optimizer_is_refreshed_in_the_next_eager_forward():
     layer = nn.Linear(64, 64)
-    pruner = PDPPruner(nn.Sequential(layer), PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)))
+    PDPPruner(nn.Sequential(layer), PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)))
     mask = layer.parametrizations.weight[0]
-    first = layer.weight.detach().clone()
-    assert mask._cached is not None
-    cached = mask._cached[1]
-    torch.testing.assert_close(layer.weight, first)
-    assert mask._cached[1] is cached, "same weight: no new selection"
-    with torch.no_grad():
-        layer.parametrizations.weight.original.mul_(1.5)
     torch.testing.assert_close(layer.weight, _reference_forward(mask, layer.parametrizations.weight.original))
-    assert mask._cached[1] is not cached
-    assert pruner is not None
+    assert not mask.is_stale(layer.parametrizations.weight.original)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(1.5).add_(torch.randn(64, 64))
+    assert mask.is_stale(layer.parametrizations.weight.original)
+    torch.testing.assert_close(layer.weight, _reference_forward(mask, layer.parametrizations.weight.original))

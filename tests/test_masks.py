@@ -17,7 +17,6 @@ from pdprune.masks import (
     masked_weight,
     soft_mask,
     temperature_for,
-    ungroup_along_inputs,
 )
 
 
@@ -71,10 +70,11 @@ def test_gradient_of_masked_weight_matches_closed_form():
 def test_straight_through_keeps_the_forward_and_lets_pruned_weights_learn_as_if_kept():
     weight = torch.randn(200, dtype=torch.float64, requires_grad=True)
     t = _threshold(weight.detach(), 0.7).squeeze()
-    masked = masked_weight(weight, t, 1e-6, relative=True)  # tau = 1e-6 t^2, nearly hard: PDP's own gradient below t is about 0
+    sharp = torch.tensor(1e-6, dtype=torch.float64)  # tau = 1e-6 t^2, nearly hard: PDP's own gradient below t is about 0
+    masked = masked_weight(weight, t.square(), sharp, relative=True)
     upstream = torch.randn(200, dtype=torch.float64)
     (plain,) = torch.autograd.grad(masked, weight, upstream)
-    through = masked_weight(weight, t, 1e-6, relative=True, straight_through=True)
+    through = masked_weight(weight, t.square(), sharp, relative=True, straight_through=True)
     torch.testing.assert_close(through, masked, rtol=0, atol=0)
     (gradient,) = torch.autograd.grad(through, weight, upstream)
     m = masked.detach() / weight.detach()
@@ -134,12 +134,15 @@ def test_hard_mask_breaks_ties_by_lower_index_first():
 @pytest.mark.parametrize("shape,m", [((6, 8), 4), ((5, 8, 3, 3), 4), ((4, 16, 3), 8), ((2, 8, 1, 1, 1), 2)])
 def test_grouping_along_inputs_round_trips_and_groups_input_channels(shape, m):
     weight = torch.randn(shape)
-    groups = group_along_inputs(weight, m)
-    assert groups.shape[-1] == m
-    torch.testing.assert_close(ungroup_along_inputs(groups, weight.shape), weight)
+    groups = group_along_inputs(weight, m)  # (groups, m, positions)
+    assert groups.shape[1] == m and groups.data_ptr() == weight.data_ptr(), "a view of the weight"
+    torch.testing.assert_close(groups.reshape(weight.shape), weight)
     # The first group holds input channels 0..m-1 of output 0 at the first kernel position.
     first = weight[0, :m].reshape(m, -1)[:, 0]
-    torch.testing.assert_close(groups.reshape(-1, m)[0], first)
+    torch.testing.assert_close(groups[0, :, 0], first)
+    # Another: input channels m..2m-1 of the last output at the last kernel position.
+    last = weight[-1, m : 2 * m].reshape(m, -1)[:, -1]
+    torch.testing.assert_close(groups[weight.shape[1] // m * (weight.shape[0] - 1) + 1, :, -1], last)
 
 
 def test_grouping_rejects_an_input_dimension_not_divisible_by_m():

@@ -201,7 +201,13 @@ def test_finalize_before_the_ramp_ends_warns():
     [
         ({"sparsity": 1.2}, ValueError, r"sparsity must be in \[0, 1\), got 1.2; pass a fraction, e.g. 0.9"),
         ({"sparsity": -0.1}, ValueError, r"sparsity must be in \[0, 1\), got -0.1"),
-        ({"sparsity": math.nan}, ValueError, r"sparsity must be in \[0, 1\), got nan"),
+        ({"sparsity": math.nan}, ValueError, r"sparsity must be a finite number, got nan"),
+        ({"sparsity": "0.9"}, TypeError, r"sparsity must be a number, got str '0.9'"),
+        ({"sparsity": True}, TypeError, r"sparsity must be a number, got bool True"),
+        ({"temperature": True}, TypeError, r"temperature must be a number, got bool True"),
+        ({"compile_kernels": "no"}, TypeError, r"compile_kernels must be True or False, got 'no'"),
+        ({"schedule": {"warmup_epochs": 1}}, TypeError, r"schedule must be a ScheduleConfig, got dict .*pass schedule=ScheduleConfig"),
+        ({"module_types": ("Linear", 3)}, TypeError, r"module_types must be a tuple of strings, got \('Linear', 3\)"),
         ({"sparsity": 1.0}, ValueError, r"sparsity must be in \[0, 1\), got 1.0"),
         ({"temperature": 0.0}, ValueError, r"temperature must be a finite number > 0, got 0.0"),
         ({"temperature": -1e-4}, ValueError, r"temperature must be a finite number > 0"),
@@ -221,6 +227,14 @@ def test_finalize_before_the_ramp_ends_warns():
 def test_config_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         PruningConfig(**kwargs)
+
+
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    config = PruningConfig(sparsity=np.float32(0.9), temperature=np.float64(0.05), schedule=ScheduleConfig(warmup_epochs=np.int64(1), steps_per_epoch=np.int64(4)))
+    assert config.sparsity == pytest.approx(0.9) and type(config.sparsity) is float
+    assert type(config.schedule.warmup_epochs) is float and type(config.schedule.steps_per_epoch) is int
 
 
 def test_model_without_prunable_layers_is_refused():
@@ -282,7 +296,7 @@ def test_loading_state_with_another_config_is_refused(tiny_convnet):
 
 
 def test_nm_on_an_incompatible_layer_is_refused_and_nothing_attached(tiny_convnet):
-    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of 'conv1.weight' \(shape \(8, 3, 3, 3\)\) to be a multiple of 4; exclude it"):
+    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of 'conv1.weight' \(dimension 1 of shape \(8, 3, 3, 3\)\) to be a multiple of 4; exclude it"):
         PDPPruner(tiny_convnet, PruningConfig(structure="2:4", on_incompatible="error"))
     assert not any(parametrize.is_parametrized(m) for m in tiny_convnet.modules())
 

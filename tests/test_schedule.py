@@ -58,18 +58,24 @@ def test_uniform_budgets():
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,error,message",
     [
-        ({"warmup_epochs": -1}, r"warmup_epochs must be a finite number >= 0, got -1"),
-        ({"ramp_rate": 0.1, "ramp_end_epoch": 3}, r"give ramp_rate or ramp_end_epoch, not both"),
-        ({"ramp_rate": 0.0}, r"ramp_rate must be in \(0, 1\], got 0.0"),
-        ({"warmup_epochs": 3, "ramp_end_epoch": 2}, r"ramp_end_epoch must be >= warmup_epochs \(3\), got 2"),
-        ({"steps_per_epoch": 0}, r"steps_per_epoch must be an int >= 1, got 0; pass len\(train_loader\)"),
-        ({"anneal_soft_gradient": True}, r"anneal_soft_gradient applies while annealing: set anneal_end_epoch too"),
+        ({"warmup_epochs": -1}, ValueError, r"warmup_epochs must be a finite number >= 0, got -1"),
+        ({"ramp_rate": 0.1, "ramp_end_epoch": 3}, ValueError, r"give ramp_rate or ramp_end_epoch, not both"),
+        ({"ramp_rate": 0.0}, ValueError, r"ramp_rate must be in \(0, 1\], got 0.0"),
+        ({"warmup_epochs": 3, "ramp_end_epoch": 2}, ValueError, r"ramp_end_epoch must be >= warmup_epochs \(3\), got 2"),
+        ({"steps_per_epoch": 0}, ValueError, r"steps_per_epoch must be an int >= 1, got 0; pass len\(train_loader\)"),
+        ({"anneal_soft_gradient": True}, ValueError, r"anneal_soft_gradient applies while annealing: set anneal_end_epoch too"),
+        ({"ramp_end_epoch": float("inf")}, ValueError, r"ramp_end_epoch must be a finite number, got inf"),
+        ({"warmup_epochs": float("nan")}, ValueError, r"warmup_epochs must be a finite number, got nan"),
+        ({"warmup_epochs": "1"}, TypeError, r"warmup_epochs must be a number, got str '1'"),
+        ({"anneal_end_epoch": 9, "anneal_factor": float("inf")}, ValueError, r"anneal_factor must be a finite number, got inf"),
+        ({"reallocate": 1}, TypeError, r"reallocate must be True or False, got 1"),
+        ({"steps_per_epoch": 2.5}, ValueError, r"steps_per_epoch must be an int >= 1, got 2.5"),
     ],
 )
-def test_schedule_config_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_schedule_config_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
         ScheduleConfig(**kwargs)
 
 

@@ -53,7 +53,7 @@ def test_nm_pattern_is_exact_after_finalize(pattern, out_features, groups, kerne
     pruner = PDPPruner(model, PruningConfig(structure=f"{n}:{m}", schedule=IMMEDIATE))
     pruner.finalize()
     assert is_nm_sparse(layer.weight, n, m)
-    nonzeros = (group_along_inputs(layer.weight, m) != 0).sum(dim=-1)
+    nonzeros = (group_along_inputs(layer.weight, m) != 0).sum(dim=1)
     assert bool((nonzeros == n).all()), "exactly N non-zeros in every group"
     assert not is_nm_sparse(layer.weight, n - 1, m) if n > 1 else True
 
@@ -64,7 +64,7 @@ def test_nm_soft_mask_is_half_at_each_group_threshold_and_ramps_in_whole_steps()
     mask = layer.parametrizations.weight[0]
     assert pruner.current_sparsity("0.weight") == 0.25  # half the ramp: 1 of 4 pruned per group
     soft = mask.soft_mask(layer.parametrizations.weight.original.detach(), 0.25)
-    below = (group_along_inputs(soft, 4) < 0.5).sum(dim=-1)
+    below = (group_along_inputs(soft, 4) < 0.5).sum(dim=1)
     assert bool((below == 1).all())
 
 
@@ -84,7 +84,7 @@ def test_nm_mixed_with_unstructured_per_layer_and_incompatible_layers_skipped_wi
 
 def test_depthwise_conv_cannot_hold_nm_and_errors_when_asked():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))
-    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of '0.weight' \(shape \(8, 1, 3, 3\)\) to be a multiple of 4"):
+    with pytest.raises(ValueError, match=r"2:4 needs the input dimension of '0.weight' \(dimension 1 of shape \(8, 1, 3, 3\)\) to be a multiple of 4"):
         PDPPruner(model, PruningConfig(structure="2:4", on_incompatible="error"))
 
 
@@ -124,7 +124,7 @@ def _effective_channel_scales(model: nn.Module, pruner: PDPPruner, group_name: s
                 if getattr(mask, "group", None) is group:
                     original = masks.original.detach()
                     effective = getattr(module, tensor_name).detach()
-                    ratio = (effective / original).reshape(original.shape[0], -1)[mask.indices]
+                    ratio = (effective / original).reshape(original.shape[0], -1)[mask.positions[:, 0]]
                     scales.append(ratio[:, 0])
     return scales
 

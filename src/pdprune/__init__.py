@@ -9,6 +9,7 @@ from pdprune._version import __version__
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.masks import is_nm_sparse
 from pdprune.config import DEFAULT_TEMPERATURE, PruningConfig
+from pdprune.layers import LayerType, register_layer_type
 from pdprune.pruner import PDPPruner
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport, model_sparsity
 from pdprune.schedule import ScheduleConfig
@@ -20,6 +21,8 @@ __all__ = [
     "PruningConfig",
     "ScheduleConfig",
     "DEFAULT_TEMPERATURE",
+    "LayerType",
+    "register_layer_type",
     "SparsityReport",
     "LayerSparsity",
     "GroupSparsity",

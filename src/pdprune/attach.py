@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pdprune.config import PRUNABLE_MODULE_TYPES, PruningConfig, parse_structure
-from pdprune.parametrizations import ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
+from pdprune.config import PruningConfig, parse_structure
+from pdprune.layers import LayerType, layer_type_of, layer_types
+from pdprune.parametrizations import ChannelGroup, ChannelMask, MaskState, NMMask, Slices, SoftMask, UnstructuredMask
 from pdprune.structure import find_channel_groups
 
 __all__ = ["Attached", "attach", "check_finite"]
@@ -32,65 +34,119 @@ class Attached:
     skipped: dict[str, str]
 
 
-def attach(model: nn.Module, config: PruningConfig, example_inputs: Tensor | Sequence[Tensor] | None) -> Attached:
+def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) -> Attached:
     """Select the modules `config` names, build their masks, and register them, all or nothing.
 
     Raises:
-        ValueError, RuntimeError: nothing to prune, a pattern that matches nothing, NaN/Inf weights,
-            an attached pruner already, an impossible structure; the model is left untouched.
+        ValueError, RuntimeError, TypeError: nothing to prune, a pattern that matches nothing, NaN/Inf or
+            meta weights, an attached pruner or another parametrization already, an impossible
+            structure or layout, example inputs the model rejects; the model is left untouched.
     """
-    selected = _select_modules(model, config)
+    selected, skipped = _select_modules(model, config)
     check_finite({f"{name}.weight": module.weight for name, module in selected.items()})
-    units, registrations, skipped = _build_units(model, selected, config, example_inputs)
+    units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
     tensors = _register(registrations)
     group_members: dict[str, dict[str, Tensor]] = {}
     for tensor, _, _, mask in registrations:
         if isinstance(mask, ChannelMask):
-            group_members.setdefault(mask.group.name, {})[tensor] = mask.indices
-    return Attached(units, tensors, group_members, skipped)
+            group_members.setdefault(mask.group.name, {})[tensor] = mask.positions[:, 0]
+    return Attached(units, tensors, group_members, skipped | incompatible)
 
 
-def _select_modules(model: nn.Module, config: PruningConfig) -> dict[str, nn.Module]:
-    """Module name -> module for every layer the config selects; errors name the pattern or the problem."""
-    kinds = tuple(PRUNABLE_MODULE_TYPES[name] for name in config.module_types)
-    candidates = {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+def _weight_bearing(module: nn.Module) -> list[str]:
+    """Names of the module's own Parameters with two or more dimensions (a matrix, a filter bank)."""
+    return [name for name, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2]
+
+
+def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Module name -> module for every layer the config selects, and every weight-bearing module left
+    out -> why. Errors name the pattern or the problem."""
+    known = layer_types()
+    wanted = {name: known[name] for name in config.module_types if name in known}
+    candidates: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module) and any(
-            isinstance(p, (SoftMask, ChannelMask)) for plist in module.parametrizations.values() for p in plist
-        ):
-            raise RuntimeError(
-                f"a PDP mask is already attached to {name!r}; finalize() or detach() the first pruner "
-                "before attaching another"
-            )
+        _refuse_attached(name, module)
+        layer_type = layer_type_of(module, known)
+        if layer_type is not None and layer_type.name in wanted and isinstance(getattr(module, "weight", None), nn.Parameter | Tensor):
+            candidates[name] = module
+        elif _weight_bearing(module) and not isinstance(module, nn.modules.batchnorm._NormBase):
+            why = (f"its type {type(module).__name__} is not a prunable layer type; declare its weight layout with "
+                   "pdprune.register_layer_type and add it to module_types" if layer_type is None else
+                   f"its layer type {layer_type.name!r} is not in module_types {list(config.module_types)}")
+            skipped[name] = why
     for pattern in (*config.include, *config.exclude, *config.layer_structures):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
             raise ValueError(
                 f"pattern {pattern!r} matches no module of types {list(config.module_types)}; "
                 f"module names look like {list(candidates)[:6]}"
             )
-    selected = {
-        name: module
-        for name, module in candidates.items()
-        if (not config.include or any(fnmatch.fnmatchcase(name, p) for p in config.include))
-        and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
-    }
+    selected = {}
+    for name, module in candidates.items():
+        if config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+            skipped[name] = "not matched by include"
+        elif any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            skipped[name] = "matched by exclude"
+        else:
+            selected[name] = module
     if not selected:
         raise ValueError(
             f"no prunable layer selected: the model has no module of types {list(config.module_types)}"
             + (" left after include/exclude" if candidates else "")
             + "; pass module_types=... or change include/exclude"
         )
-    return selected
+    for name, module in selected.items():
+        _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
+    unknown_types = sorted({type(model.get_submodule(n)).__name__ for n, why in skipped.items() if "not a prunable layer type" in why})
+    if unknown_types:
+        warnings.warn(
+            f"left dense, not a layer type pdprune knows: modules of type {unknown_types} "
+            "(pruner.report() lists them; pdprune.register_layer_type declares one)",
+            stacklevel=4,
+        )
+    return selected, skipped
+
+
+def _refuse_attached(name: str, module: nn.Module) -> None:
+    if not parametrize.is_parametrized(module):
+        return
+    for tensor_name, chain in module.parametrizations.items():
+        ours = [isinstance(p, (SoftMask, ChannelMask)) for p in chain]
+        if any(ours):
+            raise RuntimeError(
+                f"a PDP mask is already attached to {name!r}; finalize() or detach() the first pruner before attaching another"
+            )
+
+
+def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType) -> None:
+    if parametrize.is_parametrized(module, "weight"):
+        foreign = [type(p).__name__ for p in module.parametrizations.weight]
+        raise ValueError(
+            f"{name}.weight already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and would "
+            f"change or remove it. Remove it first (torch.nn.utils.parametrize.remove_parametrizations({name!r} module, "
+            f"'weight', leave_parametrized=True)) or exclude the module: exclude=({name!r},)"
+        )
+    weight = module.weight
+    if weight.is_meta:
+        raise ValueError(
+            f"{name}.weight is on the meta device (shape only, no values): PDP ranks weight magnitudes. Materialize and "
+            "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict), then attach the pruner"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}.weight has dtype {weight.dtype}; PDP prunes floating-point weights: exclude it")
+    layer_type.check(weight, name)
 
 
 Registration = tuple[str, nn.Module, str, nn.Module]  # (tensor name, module, "weight"/"bias", parametrization)
 
 
 def _build_units(
-    model: nn.Module, selected: dict[str, nn.Module], config: PruningConfig, example_inputs: Tensor | Sequence[Tensor] | None
+    model: nn.Module, selected: dict[str, nn.Module], config: PruningConfig, example_inputs: Any
 ) -> tuple[dict[str, MaskState], list[Registration], dict[str, str]]:
     """Create every unit and the parametrizations to register, without touching the model yet."""
     relative = config.temperature_mode == "relative"
+    soft_gradient = config.schedule.anneal_soft_gradient
+    known = layer_types()
     units: dict[str, MaskState] = {}
     registrations: list[Registration] = []
     skipped: dict[str, str] = {}
@@ -99,33 +155,35 @@ def _build_units(
     masked_weights: set[int] = set()
     for name, module in selected.items():
         structure = parse_structure(config.structure_of(name))
-        if id(module.weight) in masked_weights:
+        weight = module.weight
+        if id(weight) in masked_weights:
             continue  # tied to a weight masked already: one mask serves every module that shares it
         if structure == "channel":
-            if len(ties.get(id(module.weight), ())) > 1:
-                raise ValueError(f"{name!r} shares its weight with {[n for n, _ in ties[id(module.weight)] if n != name]}; "
+            if len(ties.get(id(weight), ())) > 1:
+                raise ValueError(f"{name!r} shares its weight with {[n for n, _ in ties[id(weight)] if n != name]}; "
                                  "tied weights cannot be channel-pruned: exclude them or use an unstructured or N:M structure")
             channel_modules.add(name)
             continue
         tensor_name = f"{name}.weight"
         if structure == "unstructured":
-            mask: SoftMask = UnstructuredMask(config.temperature, relative, config.compile_kernels, config.straight_through)
+            mask: SoftMask = UnstructuredMask(weight, config.temperature, relative, config.compile_kernels, config.straight_through, soft_gradient)
         else:
             n, m = structure
-            if module.weight.dim() < 2 or module.weight.shape[1] % m:
-                problem = (f"{n}:{m} needs the input dimension of {tensor_name!r} (shape {tuple(module.weight.shape)}) "
-                           f"to be a multiple of {m}")
+            input_dim = layer_type_of(module, known).input_dim
+            if weight.shape[input_dim] % m:
+                problem = (f"{n}:{m} needs the input dimension of {tensor_name!r} (dimension {input_dim} of shape "
+                           f"{tuple(weight.shape)}) to be a multiple of {m}")
                 if config.on_incompatible == "error":
                     raise ValueError(f"{problem}; exclude it, e.g. exclude=({name!r},), or pass on_incompatible='skip'")
                 skipped[tensor_name] = problem
                 continue
-            mask = NMMask(n, m, config.temperature, relative, config.compile_kernels, config.straight_through)
+            mask = NMMask(n, m, weight, config.temperature, relative, config.compile_kernels, config.straight_through, soft_gradient, input_dim)
         units[tensor_name] = mask
-        masked_weights.add(id(module.weight))
-        for holder_name, holder in ties.get(id(module.weight), [(name, module)]):
+        masked_weights.add(id(weight))
+        for holder_name, holder in ties.get(id(weight), [(name, module)]):
             registrations.append((f"{holder_name}.weight", holder, "weight", mask))
     if skipped:
-        warnings.warn(f"left dense, cannot hold their N:M pattern: {sorted(skipped)}", stacklevel=3)
+        warnings.warn(f"left dense, cannot hold their N:M pattern: {sorted(skipped)}", stacklevel=4)
     if channel_modules:
         if example_inputs is None:
             raise ValueError(
@@ -134,18 +192,45 @@ def _build_units(
             )
         specs, dense_groups = find_channel_groups(model, example_inputs, channel_modules)
         if dense_groups:
-            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=3)
+            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=4)
             skipped |= {f"channel group {name}": why for name, why in dense_groups.items()}
         for spec in specs:
-            producers = [(model.get_submodule(p), _indices(spec.members[p], model.get_submodule(p))) for p in spec.producers]
-            group = ChannelGroup(spec.name, spec.size, producers, config.temperature, relative)
+            group, gated = _channel_group(model, spec, config, relative, known)
             units[spec.name] = group
-            for member, indices in spec.members.items():
-                module = model.get_submodule(member)
-                for tensor_name in ("weight", "bias"):
-                    if getattr(module, tensor_name, None) is not None:
-                        registrations.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, _indices(indices, module))))
+            registrations += gated
     return units, registrations, skipped
+
+
+def _channel_group(model: nn.Module, spec, config: PruningConfig, relative: bool, known) -> tuple[ChannelGroup, list[Registration]]:
+    """The unit of one channel group, and the gating parametrization of every member tensor."""
+
+    def output_dim(module: nn.Module) -> int:
+        layer_type = layer_type_of(module, known)
+        return 0 if layer_type is None else layer_type.output_dim
+
+    def positions(module: nn.Module, channels: list[int]) -> Tensor:
+        device = next(module.parameters()).device
+        return torch.tensor(channels, dtype=torch.long, device=device).unsqueeze(1)  # (size, 1)
+
+    scoring = [Slices(model.get_submodule(p), "weight", output_dim(model.get_submodule(p)), positions(model.get_submodule(p), spec.members[p]))
+               for p in spec.producers]
+    like = model.get_submodule(spec.producers[0]).weight
+    group = ChannelGroup(spec.name, spec.size, scoring, like, config.temperature, relative, soft_gradient=config.schedule.anneal_soft_gradient)
+    gated: list[Registration] = []
+    for member, channels in spec.members.items():
+        module = model.get_submodule(member)
+        for tensor_name in ("weight", "bias"):
+            tensor = getattr(module, tensor_name, None)
+            if tensor is None:
+                continue
+            if parametrize.is_parametrized(module, tensor_name):
+                raise ValueError(
+                    f"{member}.{tensor_name} already carries a parametrization; channel pruning gates it. Remove it first "
+                    f"or exclude the group's layers: exclude=({spec.name!r},)"
+                )
+            dim = output_dim(module) if tensor_name == "weight" else 0
+            gated.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, dim, positions(module, channels))))
+    return group, gated
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -158,11 +243,6 @@ def _tied_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return holders
 
 
-def _indices(channels: list[int], module: nn.Module) -> Tensor:
-    """Channel indices on the device of the module they index (the model may already be on a GPU)."""
-    return torch.tensor(channels, dtype=torch.long, device=module.weight.device)
-
-
 def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, str]]:
     """Register every parametrization, all or nothing. Returns tensor name -> (module, tensor name)."""
     done: list[tuple[nn.Module, str]] = []
@@ -170,8 +250,8 @@ def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, s
         for _, module, tensor_name, mask in registrations:
             parametrize.register_parametrization(module, tensor_name, mask)
             done.append((module, tensor_name))
-    except Exception:
-        for module, tensor_name in done:
+    except BaseException:
+        for module, tensor_name in reversed(done):
             if parametrize.is_parametrized(module, tensor_name):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         raise

@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from torch import nn
+from pdprune.layers import DEFAULT_MODULE_TYPES, known_names
+from pdprune.schedule import ALLOCATIONS, ScheduleConfig, real_number
 
-from pdprune.schedule import ALLOCATIONS, ScheduleConfig
-
-__all__ = ["PruningConfig", "parse_structure", "DEFAULT_TEMPERATURE", "PRUNABLE_MODULE_TYPES", "TEMPERATURE_MODES"]
+__all__ = ["PruningConfig", "parse_structure", "DEFAULT_TEMPERATURE", "TEMPERATURE_MODES"]
 
 DEFAULT_TEMPERATURE = 0.05
 """Default tau relative to t^2; chosen by `benchmarks/temperature_sweep.py` (see the README)."""
 
 TEMPERATURE_MODES = ("relative", "absolute")
 ON_INCOMPATIBLE = ("skip", "error")
-PRUNABLE_MODULE_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Conv3d": nn.Conv3d,
-    "Embedding": nn.Embedding,
-}
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -61,7 +52,9 @@ class PruningConfig:
         temperature_mode: "relative" or "absolute".
         include: fnmatch patterns of module names to prune (empty: every module of `module_types`).
         exclude: fnmatch patterns of module names never to prune.
-        module_types: which module classes hold prunable weights.
+        module_types: names of the layer types whose weights are pruned (`pdprune.layers`: "Linear",
+            "Conv1d", "Conv2d", "Conv3d", "Embedding", transformers' "Conv1D", and any registered with
+            `pdprune.register_layer_type`).
         on_incompatible: what to do with a layer that cannot hold its N:M pattern (input dimension not a
             multiple of M): "skip" it with a warning that names it, or raise an "error".
         straight_through: not in the paper, off by default: pruned weights also get the gradient of their
@@ -83,16 +76,23 @@ class PruningConfig:
     temperature_mode: str = "relative"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    module_types: tuple[str, ...] = DEFAULT_MODULE_TYPES
     on_incompatible: str = "skip"
     straight_through: bool = False
     compile_kernels: bool = True
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+        sparsity = real_number("sparsity", self.sparsity, "a fraction, e.g. 0.9 for 90% zeros")
+        if not 0 <= sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}; pass a fraction, e.g. 0.9 for 90% zeros")
+        object.__setattr__(self, "sparsity", sparsity)
+        for name in ("structure", "allocation", "temperature_mode", "on_incompatible"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
         parse_structure(self.structure)
+        if not isinstance(self.layer_structures, Mapping):
+            raise TypeError(f"layer_structures must be a dict of pattern -> structure, got {self.layer_structures!r}")
         for pattern, structure in self.layer_structures.items():
             try:
                 parse_structure(structure)
@@ -100,17 +100,23 @@ class PruningConfig:
                 raise ValueError(f"layer_structures[{pattern!r}]: {error}") from None
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"temperature must be a finite number > 0, got {self.temperature!r}; "
-                f"e.g. {DEFAULT_TEMPERATURE} (relative) or 1e-4 (absolute)"
-            )
+        example = f"e.g. {DEFAULT_TEMPERATURE} (relative) or 1e-4 (absolute)"
+        temperature = real_number("temperature", self.temperature, example)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}; {example}")
+        object.__setattr__(self, "temperature", temperature)
         if self.temperature_mode not in TEMPERATURE_MODES:
             raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
         if self.on_incompatible not in ON_INCOMPATIBLE:
             raise ValueError(f"on_incompatible must be one of {ON_INCOMPATIBLE}, got {self.on_incompatible!r}")
-        if not isinstance(self.straight_through, bool):
-            raise TypeError(f"straight_through must be True or False, got {self.straight_through!r}")
+        for name in ("straight_through", "compile_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.schedule, ScheduleConfig):
+            raise TypeError(
+                f"schedule must be a ScheduleConfig, got {type(self.schedule).__name__} {self.schedule!r}; "
+                "pass schedule=ScheduleConfig(...) (PruningConfig.from_dict takes a dict)"
+            )
         if self.straight_through and "channel" in (self.structure, *self.layer_structures.values()):
             raise ValueError(
                 "straight_through applies to unstructured and N:M masks, not to 'channel': a pruned channel's "
@@ -120,10 +126,19 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(f"{name} must be a tuple of strings, got the string {value!r}; wrap it: ({value!r},)")
-            object.__setattr__(self, name, tuple(value))
-        unknown = [name for name in self.module_types if name not in PRUNABLE_MODULE_TYPES]
+            try:
+                value = tuple(value)
+            except TypeError:
+                raise TypeError(f"{name} must be a tuple of strings, got {value!r}") from None
+            if not all(isinstance(item, str) for item in value):
+                raise TypeError(f"{name} must be a tuple of strings, got {value!r}")
+            object.__setattr__(self, name, value)
+        unknown = [name for name in self.module_types if name not in known_names()]
         if unknown or not self.module_types:
-            raise ValueError(f"module_types must name some of {sorted(PRUNABLE_MODULE_TYPES)}, got {list(self.module_types)}")
+            raise ValueError(
+                f"module_types must name some of {sorted(known_names())}, got {list(self.module_types)}; "
+                "declare other layer types with pdprune.register_layer_type"
+            )
         object.__setattr__(self, "layer_structures", dict(self.layer_structures))
 
     def structure_of(self, module_name: str) -> str:
@@ -141,5 +156,5 @@ class PruningConfig:
             raise ValueError(f"unknown PruningConfig fields {unknown}; valid fields: {sorted(known)}")
         values = dict(values)
         if isinstance(values.get("schedule"), Mapping):
-            values["schedule"] = ScheduleConfig(**values["schedule"])
+            values["schedule"] = ScheduleConfig.from_dict(values["schedule"])
         return cls(**values)

@@ -9,7 +9,9 @@ root on the gradient path.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -23,10 +25,12 @@ __all__ = [
     "temperature_for",
     "soft_mask",
     "masked_weight",
-    "group_thresholds",
+    "soft_mask_from_squares",
+    "group_threshold_squares",
+    "batched_order_statistics",
     "hard_keep_mask",
     "group_along_inputs",
-    "ungroup_along_inputs",
+    "nm_keep_mask",
     "is_nm_sparse",
     "channel_squared_norms",
 ]
@@ -143,108 +147,184 @@ def soft_mask(
     return slope + (mask - slope).detach()
 
 
-def _tau(threshold_squared: Tensor, temperature: float | Tensor, relative: bool) -> Tensor | float:
-    return (temperature * threshold_squared).clamp_min(torch.finfo(threshold_squared.dtype).tiny) if relative else temperature
+def _tau(threshold_squared: Tensor, temperature: Tensor, relative: bool) -> Tensor:
+    """tau from t^2: relative (temperature * t^2) or absolute, kept finite and above 0 so that the
+    sentinels t^2 = -inf (keep every weight) and +inf (prune every weight) give exact masks of 1 and 0."""
+    if not relative:
+        return temperature
+    finite = torch.finfo(threshold_squared.dtype)
+    return (temperature * threshold_squared).clamp(finite.tiny, finite.max)
 
 
-def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperature: float | Tensor, relative: bool) -> Tensor:
+def soft_mask_from_squares(
+    squared_scores: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool, gradient_temperature: Tensor | None = None
+) -> Tensor:
+    """m = sigmoid((s - t^2) / tau) from t^2 and temperature tensors (the channel masks' fast form of
+    `soft_mask`, surrogate gradient included); t^2 = -inf gives m = 1. Gradients flow through `squared_scores`."""
+    shifted = squared_scores - threshold_squared
+    mask = torch.sigmoid(shifted / _tau(threshold_squared, temperature, relative))
+    if gradient_temperature is None:
+        return mask
+    slope = torch.sigmoid(shifted / _tau(threshold_squared, gradient_temperature, relative))
+    return slope + (mask - slope).detach()
+
+
+def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool) -> Tensor:
     return weight * torch.sigmoid((weight * weight - threshold_squared) / _tau(threshold_squared, temperature, relative))
 
 
 def _masked_weight_backward(
-    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: float | Tensor, relative: bool,
-    gradient_temperature: float | None, straight_through: bool,
+    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool, straight_through: bool,
 ) -> Tensor:
-    # m is recovered from the output (m = out / w): no exp, and nothing kept beyond the output that
-    # the layer keeps for its own backward anyway (and t^2: one number per threshold).
+    # m is recovered from the output (m = out / w): no exp, and nothing kept beyond the output that the
+    # layer keeps for its own backward anyway. d(w m)/dw = m + 2 w^2 m (1 - m) / tau, with m (1 - m) / tau
+    # formed first, so that a saturated mask (m (1 - m) = 0) gives 0 however small tau is.
     tau = _tau(threshold_squared, temperature, relative)
     m = torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared / tau))
-    if gradient_temperature is None:
-        local = m * (1 + 2 * (weight * weight) / tau * (1 - m))
-    else:  # the surrogate: the slope of the mask at gradient_temperature
-        slope_tau = _tau(threshold_squared, gradient_temperature, relative)
-        slope = torch.sigmoid((weight * weight - threshold_squared) / slope_tau)
-        local = m + 2 * (weight * weight) / slope_tau * slope * (1 - slope)
-    if straight_through:
-        local = local + (1 - m)
-    return grad * local
+    local = m + 2 * (weight * weight) * (m * (1 - m) / tau)
+    return grad * (local + (1 - m) if straight_through else local)
+
+
+def _masked_weight_backward_surrogate(
+    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: Tensor, gradient_temperature: Tensor,
+    relative: bool, straight_through: bool,
+) -> Tensor:
+    # The same with the slope s of the mask at the gradient temperature in place of m's own.
+    tau = _tau(threshold_squared, temperature, relative)
+    m = torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared / tau))
+    squares = weight * weight
+    slope_tau = _tau(threshold_squared, gradient_temperature, relative)
+    slope = torch.sigmoid((squares - threshold_squared) / slope_tau)
+    local = m + 2 * squares * (slope * (1 - slope) / slope_tau)
+    return grad * (local + (1 - m) if straight_through else local)
+
+
+def _masked_weight_expression(
+    weight: Tensor, threshold_squared: Tensor, temperature: Tensor, gradient_temperature: Tensor | None, relative: bool,
+    straight_through: bool,
+) -> Tensor:
+    """The same values and gradients through autograd's own rules: what `torch.compile` traces and fuses."""
+    squares = weight * weight
+    mask = torch.sigmoid((squares - threshold_squared) / _tau(threshold_squared, temperature, relative))
+    if gradient_temperature is not None:  # the values of `mask`, the slope at the gradient temperature
+        slope = torch.sigmoid((squares - threshold_squared) / _tau(threshold_squared, gradient_temperature, relative))
+        mask = slope + (mask - slope).detach()
+    output = weight * mask
+    if straight_through:  # value w m; gradient as if the pruned part (1 - m) were kept too
+        rest = weight * (1 - mask).detach()
+        output = output + (rest - rest.detach())
+    return output
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """w * sigmoid((w^2 - t^2) / tau) with dw = m + (2 w^2 / tau) m (1 - m), in one pass each way."""
+    """w * sigmoid((w^2 - t^2) / tau) with its gradient, in one pass each way."""
 
     @staticmethod
     def forward(
-        ctx, weight: Tensor, threshold_squared: Tensor, temperature: float | Tensor, relative: bool, compiled: bool,
-        gradient_temperature: float | None, straight_through: bool,
+        ctx, weight: Tensor, threshold_squared: Tensor, temperature: Tensor, gradient_temperature: Tensor | None,
+        relative: bool, straight_through: bool, compiled: bool,
     ) -> Tensor:
         output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, temperature, relative)
-        ctx.save_for_backward(weight, output, threshold_squared)
-        ctx.settings = (temperature, relative, compiled, gradient_temperature, straight_through)
+        ctx.save_for_backward(weight, output, threshold_squared, temperature, gradient_temperature)
+        ctx.settings = (relative, straight_through, compiled)
         return output
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        weight, output, threshold_squared = ctx.saved_tensors
-        temperature, relative, compiled, gradient_temperature, straight_through = ctx.settings
-        kernel = _BACKWARD if compiled else _masked_weight_backward
-        gradient = kernel(grad.contiguous(), weight, output, threshold_squared, temperature, relative, gradient_temperature, straight_through)
+        weight, output, threshold_squared, temperature, gradient_temperature = ctx.saved_tensors
+        relative, straight_through, compiled = ctx.settings
+        grad = grad.contiguous()
+        if gradient_temperature is None:
+            kernel = _BACKWARD if compiled else _masked_weight_backward
+            gradient = kernel(grad, weight, output, threshold_squared, temperature, relative, straight_through)
+        else:
+            kernel = _BACKWARD_SURROGATE if compiled else _masked_weight_backward_surrogate
+            gradient = kernel(grad, weight, output, threshold_squared, temperature, gradient_temperature, relative, straight_through)
         return gradient, None, None, None, None, None, None
 
 
 def masked_weight(
-    weight: Tensor, threshold: Tensor, temperature: float, relative: bool, compiled: bool = False,
-    gradient_temperature: float | None = None, straight_through: bool = False,
+    weight: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool, *,
+    gradient_temperature: Tensor | None = None, straight_through: bool = False, compiled: bool = False,
 ) -> Tensor:
-    """PDP's w * m(w), the values of `soft_mask` with `temperature_for`, fused: nothing but the output
-    (which the layer keeps anyway) and t^2 is kept for the backward.
+    """PDP's w * m(w) with m = sigmoid((w^2 - t^2) / tau): the values of `soft_mask` with `temperature_for`.
+
+    Every argument that changes during training is a tensor, so that nothing here reads a value back to
+    the host or branches on one, and `torch.compile` compiles it once for the whole run. In eager mode
+    one fused function keeps only the output (which the layer keeps anyway) for the backward; under
+    `torch.compile` the plain expression is traced and fused into the layer.
 
     Args:
-        weight: any shape; `threshold` broadcasts against it (a scalar, or (..., 1) per group).
-        compiled: run the two elementwise passes as `torch.compile` kernels (worth it on large tensors).
-        gradient_temperature: the backward uses the mask's slope at this temperature (`soft_mask`'s
-            surrogate gradient); the values stay those of `temperature`.
+        weight: any shape.
+        threshold_squared: t^2, broadcastable against `weight` (0-dim, or one per group with a size-1
+            dimension); -inf keeps every weight (m = 1), +inf prunes every weight (m = 0).
+        temperature: 0-dim tensor: tau / t^2 if `relative`, else tau.
+        relative: whether `temperature` is relative to t^2.
+        gradient_temperature: 0-dim tensor or None: the backward uses the slope of the mask at this
+            temperature (`soft_mask`'s surrogate gradient); the values stay those of `temperature`.
         straight_through: each weight also gets (1 - m) times the gradient of its masked value, so a
-            pruned weight learns as if kept (SR-STE's estimator, Zhou et al. 2021; not in the PDP paper;
-            on ResNet-20 at 1:4 it gained nothing: README).
+            pruned weight learns as if kept (SR-STE's estimator, Zhou et al. 2021; not in the PDP paper).
+        compiled: run the two elementwise passes as `torch.compile` kernels (worth it on large tensors).
+    Returns:
+        w * m(w), the shape of `weight`.
     """
-    threshold_squared = threshold.detach().square().to(weight.dtype)
-    temperature = float(temperature)
-    if compiled:  # as a float it would be a guard, and an anneal would recompile the kernels at every step
-        temperature = torch.full((), temperature, dtype=weight.dtype, device=weight.device)
-    return _MaskedWeight.apply(
-        weight, threshold_squared, temperature, bool(relative), compiled,
-        None if gradient_temperature is None else float(gradient_temperature), bool(straight_through),
-    )
+    if torch.compiler.is_compiling():
+        return _masked_weight_expression(weight, threshold_squared, temperature, gradient_temperature, relative, straight_through)
+    return _MaskedWeight.apply(weight, threshold_squared, temperature, gradient_temperature, relative, straight_through, compiled)
 
 
-def _group_thresholds(groups: Tensor, pruned: int) -> Tensor:
-    """t of every group of m (last dimension) through an odd-even transposition sorting network:
-    elementwise minimum/maximum only, so it vectorizes where a sort along a tiny dimension does not."""
-    columns = [groups[..., i] * groups[..., i] for i in range(groups.shape[-1])]
+def group_threshold_squares(groups: Tensor, pruned: int, dim: int, compiled: bool = False) -> Tensor:
+    """t^2 of every group of m weights along `dim` (size m), the midpoint between its `pruned`-th and
+    (`pruned`+1)-th smallest magnitudes, with `dim` kept as size 1. Ties count once each, as in a sort."""
+    return (_GROUPS if compiled else _group_threshold_squares)(groups.detach(), pruned, dim)
+
+
+def _group_threshold_squares(groups: Tensor, pruned: int, dim: int) -> Tensor:
+    """Through an odd-even transposition sorting network: elementwise minimum/maximum only, so it
+    vectorizes where a sort along a tiny dimension does not."""
+    columns = [column * column for column in groups.unbind(dim)]
     for round_ in range(len(columns)):
         for i in range(round_ % 2, len(columns) - 1, 2):
             columns[i], columns[i + 1] = torch.minimum(columns[i], columns[i + 1]), torch.maximum(columns[i], columns[i + 1])
-    return ((columns[pruned - 1].sqrt() + columns[pruned].sqrt()) / 2).unsqueeze(-1)  # (..., 1)
+    return ((columns[pruned - 1].sqrt() + columns[pruned].sqrt()) / 2).square().unsqueeze(dim)
 
 
-def group_thresholds(groups: Tensor, pruned: int, compiled: bool = False) -> Tensor:
-    """`midpoint_threshold` of every group of m (last dimension), without sorting. (..., m) -> (..., 1)."""
-    return (_GROUPS if compiled else _group_thresholds)(groups.detach(), pruned)
+def batched_order_statistics(squares: Sequence[Tensor], pruned: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The `pruned[i]`-th and (`pruned[i]`+1)-th smallest of each tensor of `squares`, for all of them
+    with one sort and no host synchronization (for GPUs, where one kernel per tensor is what costs).
+
+    Squares are non-negative, so the bit patterns of float32 order like their values: a key of
+    (tensor index, bits) sorts every tensor's values into its own ascending segment.
+
+    Args:
+        squares: T tensors of non-negative float16, bfloat16 or float32 values (any shapes), one device.
+        pruned: for each, 0 < pruned[i] < numel.
+    Returns:
+        Two (T,) float32 tensors: the largest pruned and the smallest kept value of each.
+    """
+    device = squares[0].device
+    sizes = [values.numel() for values in squares]
+    flat = torch.cat([values.detach().reshape(-1).float() for values in squares])  # (N,)
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))  # (N,)
+    keys = (owner << 32) | flat.view(torch.int32).to(torch.int64)  # (N,) bits of a value >= 0 fit in 31 bits
+    ordered = (keys.sort().values & 0xFFFFFFFF).to(torch.int32).view(torch.float32)  # (N,) per tensor, ascending
+    starts = torch.tensor([sum(sizes[:i]) + count - 1 for i, count in enumerate(pruned)], device=device)  # (T,)
+    return ordered[starts], ordered[starts + 1]
 
 
 class _Kernel:
     """A `torch.compile`d elementwise kernel that falls back, once and for good, to eager PyTorch when
-    compiling is not possible here (no C++ compiler, an unsupported backend)."""
+    compiling is not possible here (no C++ compiler, an unsupported backend). Shapes are dynamic: one
+    compile serves every layer of the same rank, however many shapes the model has."""
 
     def __init__(self, function) -> None:
         self.function = function
         self.compiled = None
 
-    def __call__(self, *args: Tensor):
+    def __call__(self, *args):
         if self.compiled is None:
             try:
-                self.compiled = torch.compile(self.function, dynamic=False)  # one specialization per shape: faster
+                self.compiled = torch.compile(self.function, dynamic=True)
                 return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
                 warnings.warn(f"torch.compile unavailable ({type(error).__name__}); PDP runs its kernels eagerly", stacklevel=2)
@@ -252,8 +332,8 @@ class _Kernel:
         return self.compiled(*args)
 
 
-_FORWARD, _BACKWARD, _BAND = _Kernel(_masked_weight_forward), _Kernel(_masked_weight_backward), _Kernel(_band_rows)
-_GROUPS = _Kernel(_group_thresholds)
+_FORWARD, _BACKWARD = _Kernel(_masked_weight_forward), _Kernel(_masked_weight_backward)
+_BACKWARD_SURROGATE, _BAND, _GROUPS = _Kernel(_masked_weight_backward_surrogate), _Kernel(_band_rows), _Kernel(_group_threshold_squares)
 
 
 def hard_keep_mask(squared_scores: Tensor, pruned: int) -> Tensor:
@@ -272,36 +352,43 @@ def hard_keep_mask(squared_scores: Tensor, pruned: int) -> Tensor:
     return rank >= pruned
 
 
-def group_along_inputs(weight: Tensor, m: int) -> Tensor:
+def group_along_inputs(weight: Tensor, m: int, input_dim: int = 1) -> Tensor:
     """Groups of `m` consecutive weights along the input dimension, as sparse hardware lays them out.
 
-    Linear (out, in) -> (out, in // m, m); Conv (out, in, *kernel) is read as (out, *kernel, in), so each
-    group spans `m` input channels at one kernel position -> (out, *kernel, in // m, m).
+    A reshape, never a copy of a contiguous weight: Linear (out, in) -> (out * in // m, m, 1); Conv
+    (out, in, *kernel) -> (out * in // m, m, prod(kernel)), so that each group spans `m` input channels
+    at one kernel position; a layer that stores (in, out) (`input_dim=0`) -> (in // m, m, out).
+    `weight.reshape(shape)` undoes it.
+
+    Raises:
+        ValueError: the input dimension is not a multiple of `m`.
     """
-    inputs = weight.shape[1]
+    inputs = weight.shape[input_dim]
     if inputs % m:
         raise ValueError(
             f"the input dimension ({inputs}) of a weight of shape {tuple(weight.shape)} is not a "
             f"multiple of m={m}; exclude this layer or pick an m that divides {inputs}"
         )
-    channels_last = weight.movedim(1, -1)  # (out, *kernel, in)
-    return channels_last.reshape(*channels_last.shape[:-1], inputs // m, m)  # (out, *kernel, in // m, m)
+    before, after = math.prod(weight.shape[:input_dim]), math.prod(weight.shape[input_dim + 1 :])
+    return weight.reshape(before * (inputs // m), m, after)  # (groups, m, positions)
 
 
-def ungroup_along_inputs(groups: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of `group_along_inputs`: back to the weight's own `shape`."""
-    channels_last = groups.reshape(shape[0], *shape[2:], shape[1])  # (out, *kernel, in)
-    return channels_last.movedim(-1, 1)  # (out, in, *kernel)
+def nm_keep_mask(squared_scores: Tensor, pruned: int, m: int, input_dim: int = 1) -> Tensor:
+    """`hard_keep_mask` inside every group of `m` along the input dimension: True where a score stays."""
+    rows = group_along_inputs(squared_scores, m, input_dim).transpose(1, 2)  # (groups, positions, m)
+    return hard_keep_mask(rows, pruned).transpose(1, 2).reshape(squared_scores.shape)
 
 
-def is_nm_sparse(tensor: Tensor, n: int, m: int) -> bool:
+def is_nm_sparse(tensor: Tensor, n: int, m: int, input_dim: int = 1) -> bool:
     """Whether every group of `m` weights along the input dimension holds at most `n` non-zeros."""
-    if tensor.dim() < 2 or tensor.shape[1] % m:
+    if tensor.dim() < 2 or tensor.shape[input_dim] % m:
         return False
-    nonzeros = (group_along_inputs(tensor, m) != 0).sum(dim=-1)
+    nonzeros = (group_along_inputs(tensor, m, input_dim) != 0).sum(dim=1)
     return bool((nonzeros <= n).all())
 
 
-def channel_squared_norms(weight: Tensor) -> Tensor:
-    """Squared L2 norm of each output channel's slice: (out, ...) -> (out,)."""
-    return weight.square().flatten(1).sum(dim=1) if weight.dim() > 1 else weight.square()
+def channel_squared_norms(weight: Tensor, output_dim: int = 0) -> Tensor:
+    """Squared L2 norm of each output channel's slice: (..., out, ...) -> (out,)."""
+    if weight.dim() == 1:
+        return weight.square()
+    return weight.square().movedim(output_dim, 0).flatten(1).sum(dim=1)

@@ -1,5 +1,11 @@
 """Soft masks as `torch.nn.utils.parametrize` parametrizations: the model computes with w * m(w).
 
+The forward pass reads t^2 and tau from buffers and does elementwise math only: no selection, no host
+read, no branch on a tensor's value, so `torch.compile` fuses it into the layer and compiles it once.
+The thresholds are the paper's t of the current weights: `refresh()` recomputes them, which the pruner
+does after every optimizer step (`PDPPruner.step()`, and a hook on every optimizer's step); in eager
+mode a forward pass that sees a weight changed since (a new tensor version) refreshes it first.
+
 Each mask keeps its current sparsity in a buffer of the model, so `model.state_dict()` alone restores
 a pruned model mid-training (given a pruner created with the same config). The pruner only decides
 *which* sparsity each mask has at each step.
@@ -7,22 +13,25 @@ a pruned model mid-training (given a pruner created with the same config). The p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from pdprune.masks import (
     band_order_statistics,
     group_along_inputs,
-    group_thresholds,
+    group_threshold_squares,
     hard_keep_mask,
     masked_weight,
     midpoint,
     midpoint_threshold,
+    nm_keep_mask,
     order_statistics,
     pruned_count,
     soft_mask,
+    soft_mask_from_squares,
     temperature_for,
-    ungroup_along_inputs,
 )
 
 COMPILE_FROM = 1 << 18
@@ -30,26 +39,39 @@ COMPILE_FROM = 1 << 18
 BAND_FROM = 1 << 16
 """On a CPU, tensors of at least this many elements find their threshold in a band around the last one."""
 
-__all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask"]
+__all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask", "Slices", "scale_units"]
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 class MaskState(nn.Module):
     """The state of one pruning unit (a tensor, or a group of coupled channels), saved with the model.
 
     The current sparsity lives in a buffer, so `model.state_dict()` (tensors only: safetensors and
-    Hugging Face checkpoints take it) restores it; a Python float mirrors it, so that the forward pass
-    never waits for the GPU to read it back.
+    Hugging Face checkpoints take it) restores it; a Python float mirrors it, so that the schedule never
+    waits for a GPU. t^2 and the temperatures live in buffers that the forward pass reads.
+
+    Args:
+        threshold_shape: the shape of t^2: () for one threshold, one per group otherwise.
+        like: a tensor of the dtype and device the masks compute in (the weight).
+        soft_gradient: the backward uses the mask's slope at `gradient_temperature` (see `set_temperature`).
     """
 
     structure = "?"
 
-    def __init__(self, temperature: float, relative_temperature: bool) -> None:
+    def __init__(self, threshold_shape: tuple[int, ...], like: Tensor, temperature: float, relative_temperature: bool, soft_gradient: bool = False) -> None:
         super().__init__()
-        self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64, device=like.device))
+        self.register_buffer("threshold_squared", torch.full(threshold_shape, -math.inf, dtype=like.dtype, device=like.device), persistent=False)
+        self.register_buffer("temperature_value", torch.tensor(float(temperature), dtype=like.dtype, device=like.device), persistent=False)
+        slope = torch.tensor(float(temperature), dtype=like.dtype, device=like.device) if soft_gradient else None
+        self.register_buffer("gradient_temperature_value", slope, persistent=False)
         self._sparsity = 0.0
-        self.temperature = temperature
-        self.gradient_temperature: float | None = None  # the surrogate slope while annealing, if asked for
+        self.temperature = self._gradient_temperature = float(temperature)
         self.relative_temperature = relative_temperature
+        self._key: object = None  # (versions of the weights, pruned count) the thresholds hold; None: recompute
 
     @property
     def sparsity(self) -> float:
@@ -58,21 +80,45 @@ class MaskState(nn.Module):
     @sparsity.setter
     def sparsity(self, value: float) -> None:
         self._sparsity = float(value)
-        self.current_sparsity.fill_(self._sparsity)
+
+    @property
+    def gradient_temperature(self) -> float | None:
+        """The temperature whose slope the backward uses, or None for the mask's own slope."""
+        if self.gradient_temperature_value is None or self._gradient_temperature == self.temperature:
+            return None
+        return self._gradient_temperature
+
+    def set_temperature(self, temperature: float, gradient_temperature: float | None = None) -> None:
+        """Set tau (relative or absolute) and, with a soft gradient, the temperature of the backward's slope."""
+        if temperature != self.temperature:
+            self.temperature = float(temperature)
+            self.temperature_value.fill_(self.temperature)
+        if self.gradient_temperature_value is not None:
+            slope = self.temperature if gradient_temperature is None else float(gradient_temperature)
+            if slope != self._gradient_temperature:
+                self._gradient_temperature = slope
+                self.gradient_temperature_value.fill_(slope)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.current_sparsity.fill_(self._sparsity)  # written when saved, not at every step
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sparsity = float(self.current_sparsity)
+        self._key = None
 
     def _mask_rows(self, squared_scores: Tensor, pruned: int) -> Tensor:
-        """Soft mask along the last dimension of `squared_scores`, with `pruned` of each row below t."""
+        """The straightforward soft mask along the last dimension, with `pruned` of each row below t
+        (a sort per row; `finalize` and the tests' oracle use it)."""
         if pruned == 0:
             return torch.ones_like(squared_scores)
         if pruned >= squared_scores.shape[-1]:
             return torch.zeros_like(squared_scores)
         threshold = midpoint_threshold(squared_scores, pruned)
         tau = temperature_for(threshold, self.temperature, self.relative_temperature)
-        slope_tau = None if self.gradient_temperature is None else temperature_for(threshold, self.gradient_temperature, self.relative_temperature)
+        slope = self.gradient_temperature
+        slope_tau = None if slope is None or slope == self.temperature else temperature_for(threshold, slope, self.relative_temperature)
         return soft_mask(squared_scores, threshold, tau, slope_tau)
 
     def extra_repr(self) -> str:
@@ -80,24 +126,62 @@ class MaskState(nn.Module):
         return f"sparsity={self.sparsity:.4f}, temperature={self.temperature:g} ({mode})"
 
 
+def _version_key(tensor: Tensor) -> tuple[int, int]:
+    return tensor._version, tensor.data_ptr()
+
+
 class SoftMask(MaskState):
     """Base of the per-tensor masks: a parametrization w -> w * m(w) at the current `sparsity`.
 
-    Subclasses say how scores are grouped (`soft_mask`, the straightforward form, also used by
-    `finalize`) and which weights a hard cut keeps (`keep_mask`); `forward` is the fast path.
+    Subclasses say how thresholds are grouped (`threshold_squares`, the fast path, and `soft_mask`,
+    the straightforward form that `finalize` uses) and which weights a hard cut keeps (`keep_mask`).
     """
 
     def __init__(
-        self, temperature: float, relative_temperature: bool, compile_kernels: bool = True, straight_through: bool = False
+        self, threshold_shape: tuple[int, ...], like: Tensor, temperature: float, relative_temperature: bool,
+        compile_kernels: bool = True, straight_through: bool = False, soft_gradient: bool = False,
     ) -> None:
-        super().__init__(temperature, relative_temperature)
+        super().__init__(threshold_shape, like, temperature, relative_temperature, soft_gradient)
         self.compile_kernels = compile_kernels
         self.straight_through = straight_through
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not _is_compiling() and self.is_stale(weight):
+            self.refresh(weight)  # eager: a weight changed outside an optimizer's step is caught here
+        return self._masked(weight)
+
+    def pruned_of(self, weight: Tensor) -> int:
+        """How many weights of `weight` (of each group, for N:M) the current sparsity prunes."""
+        raise NotImplementedError
+
+    def _key_of(self, weight: Tensor) -> tuple[int, int, int]:
+        return weight._version, weight.data_ptr(), self.pruned_of(weight)
+
+    def is_stale(self, weight: Tensor) -> bool:
+        """Whether `weight` or the pruned count changed since the thresholds were computed."""
+        return self._key != self._key_of(weight)
+
+    def refresh(self, weight: Tensor) -> None:
+        """Recompute t^2 from `weight` at the current sparsity (after an optimizer step)."""
+        with torch.no_grad():
+            self.threshold_squared.copy_(self.threshold_squares(weight.detach()))
+        self.mark_fresh(weight)
+
+    def mark_fresh(self, weight: Tensor) -> None:
+        """Record that `threshold_squared` now holds the thresholds of `weight` (for batched refreshes)."""
+        self._key = self._key_of(weight)
 
     def _compiled(self, weight: Tensor) -> bool:
         # On a CPU the fused kernels halve PDP's memory traffic; on CUDA these passes are launch-bound
         # and a compiled call's guards cost more than they save (benchmarks/results/step_overhead_cuda.md).
         return self.compile_kernels and weight.device.type == "cpu" and weight.numel() >= COMPILE_FROM
+
+    def _masked(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def threshold_squares(self, weight: Tensor) -> Tensor:
+        """t^2 for `weight` at the current sparsity, in the shape of the `threshold_squared` buffer."""
+        raise NotImplementedError
 
     def soft_mask(self, weight: Tensor, sparsity: float) -> Tensor:
         """The soft mask m(w) of `weight` pruned at `sparsity` (same shape as `weight`)."""
@@ -125,43 +209,38 @@ class UnstructuredMask(SoftMask):
     structure = "unstructured"
 
     def __init__(
-        self, temperature: float, relative_temperature: bool, compile_kernels: bool = True, straight_through: bool = False
+        self, like: Tensor, temperature: float, relative_temperature: bool, compile_kernels: bool = True,
+        straight_through: bool = False, soft_gradient: bool = False,
     ) -> None:
-        super().__init__(temperature, relative_temperature, compile_kernels, straight_through)
+        super().__init__((), like, temperature, relative_temperature, compile_kernels, straight_through, soft_gradient)
         self._band: tuple[float, float] | None = None  # squared-score bracket of the last threshold
         self._band_width = 4e-3
-        self._cached: tuple[tuple[int, int, int], Tensor] | None = None  # (weight version, storage, pruned), t
 
-    def forward(self, weight: Tensor) -> Tensor:
-        if self.sparsity == 0.0:
-            return weight
-        pruned = pruned_count(self.sparsity, weight.numel())
-        if pruned == 0:
-            return weight
-        if pruned >= weight.numel():
-            return weight * 0
-        threshold = self.threshold(weight, pruned)
+    def _masked(self, weight: Tensor) -> Tensor:
+        flat = weight.reshape(-1)  # (numel,): one rank for every layer, one compiled kernel for all
         return masked_weight(
-            weight, threshold, self.temperature, self.relative_temperature, self._compiled(weight),
-            self.gradient_temperature, self.straight_through,
-        )
+            flat, self.threshold_squared, self.temperature_value, self.relative_temperature,
+            gradient_temperature=self.gradient_temperature_value, straight_through=self.straight_through,
+            compiled=self._compiled(weight),
+        ).view_as(weight)
 
-    def threshold(self, weight: Tensor, pruned: int) -> Tensor:
-        """t (a one-element tensor), from a band around the last threshold when possible, else one selection.
+    def pruned_of(self, weight: Tensor) -> int:
+        return pruned_count(self.sparsity, weight.numel())
 
-        Reused while the weight is unchanged (same tensor version and storage): evaluation batches and
-        gradient-accumulation micro-batches pay for one selection per optimizer step, not per batch.
-        """
-        key = (weight._version, weight.data_ptr(), pruned)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
-        threshold = self._select(weight, pruned)
-        self._cached = (key, threshold)
-        return threshold
+    def threshold_squares(self, weight: Tensor) -> Tensor:
+        pruned = self.pruned_of(weight)
+        if pruned == 0:
+            return torch.full((), -math.inf, dtype=weight.dtype, device=weight.device)
+        if pruned >= weight.numel():
+            return torch.full((), math.inf, dtype=weight.dtype, device=weight.device)
+        return midpoint(*self._order_statistics(weight, pruned)).square()
 
-    def _select(self, weight: Tensor, pruned: int) -> Tensor:
+    def _order_statistics(self, weight: Tensor, pruned: int) -> tuple[Tensor, Tensor]:
+        """The largest pruned and the smallest kept squared weight: from a band around the last threshold
+        when it holds them (large CPU tensors, whose weights move little per step), else one selection."""
+        banded = weight.device.type == "cpu" and weight.numel() >= BAND_FROM
         stats = None
-        if self._band is not None and weight.device.type == "cpu" and weight.numel() >= BAND_FROM:
+        if banded and self._band is not None:
             stats = band_order_statistics(weight, pruned, *self._band)
             if stats is None:
                 self._band_width *= 4
@@ -170,11 +249,11 @@ class UnstructuredMask(SoftMask):
             elif stats[2] < 256:
                 self._band_width *= 1.5
         if stats is None:
-            stats = order_statistics(weight.detach().reshape(1, -1).square(), pruned)
+            stats = order_statistics(weight.reshape(1, -1).square(), pruned)
         largest_pruned, smallest_kept = stats[0].reshape(()), stats[1].reshape(())
-        if weight.device.type == "cpu" and weight.numel() >= BAND_FROM:
+        if banded:
             self._band = (float(largest_pruned) * (1 - self._band_width), float(smallest_kept) * (1 + self._band_width))
-        return midpoint(largest_pruned, smallest_kept)
+        return largest_pruned, smallest_kept
 
     def soft_mask(self, weight: Tensor, sparsity: float) -> Tensor:
         flat = weight.square().reshape(1, -1)  # (1, n): the whole tensor is one row
@@ -190,81 +269,165 @@ class NMMask(SoftMask):
 
     The layer's sparsity ramps up to 1 - n/m like an unstructured budget; at sparsity s each group
     prunes round(s * m) weights, so the pattern tightens in whole steps (for 2:4: 0, then 1, then 2).
+    t^2 is kept per group, (groups, 1, positions) as `group_along_inputs` lays the weight out.
     """
 
     def __init__(
-        self, n: int, m: int, temperature: float, relative_temperature: bool, compile_kernels: bool = True,
-        straight_through: bool = False,
+        self, n: int, m: int, like: Tensor, temperature: float, relative_temperature: bool, compile_kernels: bool = True,
+        straight_through: bool = False, soft_gradient: bool = False, input_dim: int = 1,
     ) -> None:
-        super().__init__(temperature, relative_temperature, compile_kernels, straight_through)
-        self.n, self.m = n, m
-
-    def forward(self, weight: Tensor) -> Tensor:
-        if self.sparsity == 0.0:
-            return weight
-        pruned = pruned_count(self.sparsity, self.m)
-        if pruned == 0:
-            return weight
-        groups = group_along_inputs(weight, self.m)  # (out, *kernel, in // m, m)
-        compiled = self._compiled(weight)
-        threshold = group_thresholds(groups, pruned, compiled)  # (out, *kernel, in // m, 1)
-        masked = masked_weight(
-            groups, threshold, self.temperature, self.relative_temperature, compiled, self.gradient_temperature, self.straight_through
-        )
-        return ungroup_along_inputs(masked, weight.shape)
+        groups, _, positions = group_along_inputs(like, m, input_dim).shape
+        super().__init__((groups, 1, positions), like, temperature, relative_temperature, compile_kernels, straight_through, soft_gradient)
+        self.n, self.m, self.input_dim = n, m, input_dim
 
     @property
     def structure(self) -> str:  # type: ignore[override]
         return f"{self.n}:{self.m}"
 
+    def _masked(self, weight: Tensor) -> Tensor:
+        groups = group_along_inputs(weight, self.m, self.input_dim)  # (groups, m, positions), a view
+        masked = masked_weight(
+            groups, self.threshold_squared, self.temperature_value, self.relative_temperature,
+            gradient_temperature=self.gradient_temperature_value, straight_through=self.straight_through,
+            compiled=self._compiled(weight),
+        )
+        return masked.reshape(weight.shape)
+
+    def pruned_of(self, weight: Tensor) -> int:
+        return pruned_count(self.sparsity, self.m)
+
+    def threshold_squares(self, weight: Tensor) -> Tensor:
+        pruned = self.pruned_of(weight)
+        if pruned == 0:
+            return torch.full(self.threshold_squared.shape, -math.inf, dtype=weight.dtype, device=weight.device)
+        groups = group_along_inputs(weight, self.m, self.input_dim)  # (groups, m, positions)
+        return group_threshold_squares(groups, pruned, dim=1, compiled=self._compiled(weight))  # (groups, 1, positions)
+
+    def _rows(self, weight: Tensor) -> Tensor:
+        return group_along_inputs(weight, self.m, self.input_dim).transpose(1, 2)  # (groups, positions, m)
+
     def soft_mask(self, weight: Tensor, sparsity: float) -> Tensor:
-        groups = group_along_inputs(weight.square(), self.m)  # (out, *kernel, in // m, m)
-        mask = self._mask_rows(groups, pruned_count(sparsity, self.m))
-        return ungroup_along_inputs(mask, weight.shape)
+        mask = self._mask_rows(self._rows(weight.square()), pruned_count(sparsity, self.m))  # (groups, positions, m)
+        return mask.transpose(1, 2).reshape(weight.shape)
 
     def keep_mask(self, weight: Tensor, sparsity: float) -> Tensor:
-        groups = group_along_inputs(weight.detach().square(), self.m)  # (out, *kernel, in // m, m)
-        return ungroup_along_inputs(hard_keep_mask(groups, pruned_count(sparsity, self.m)), weight.shape)
+        return nm_keep_mask(weight.detach().square(), pruned_count(sparsity, self.m), self.m, self.input_dim)
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m}, " + super().extra_repr()
 
 
-class ChannelGroup(MaskState):
-    """Coupled output channels that live or die together (a residual stream, a depthwise pair, ...).
+class Slices:
+    """Where a unit's channels lie in one tensor: along `dim`, unit i owns the entries `positions[i]`
+    ((units, k): one channel of a conv is k=1 filter; one attention head is k=head_dim rows)."""
 
-    Root channel i of the group is channel `indices[i]` of each member. A channel's score is the sum of
-    the squared L2 norms of its filters in every producing Conv/Linear weight; PDP's soft mask runs over
-    those scores. The group is a child of each member's `ChannelMask`, so its sparsity travels in
-    `model.state_dict()`; it reads the producers' dense weights at every call.
+    def __init__(self, module: nn.Module, tensor_name: str, dim: int, positions: Tensor) -> None:
+        self.module, self.tensor_name, self.dim, self.positions = module, tensor_name, dim, positions
+
+    def tensor(self) -> Tensor:
+        """The dense tensor (under a parametrization, the original)."""
+        if hasattr(self.module, "parametrizations") and self.tensor_name in self.module.parametrizations:
+            return self.module.parametrizations[self.tensor_name].original
+        return getattr(self.module, self.tensor_name)
+
+    def unit_norms(self, tensor: Tensor) -> Tensor:
+        """(units,) the squared L2 norm of each unit's entries of `tensor`."""
+        entries = tensor.square().movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)  # (entries,)
+        return entries[self.positions].sum(dim=1)  # (units,)
+
+
+
+def scale_units(tensor: Tensor, dim: int, positions: Tensor, unit_values: Tensor) -> Tensor:
+    """`tensor` with the entries `positions[i]` along `dim` multiplied by `unit_values[i]`; the others unchanged."""
+    shape = [1] * tensor.dim()
+    shape[dim] = tensor.shape[dim]
+    factors = unit_values.to(tensor.dtype).unsqueeze(1).expand_as(positions).reshape(-1)  # (units * k,)
+    scale = torch.ones(tensor.shape[dim], dtype=tensor.dtype, device=tensor.device).index_copy(0, positions.reshape(-1), factors)
+    return tensor * scale.reshape(shape)  # broadcast over the rest of each entry
+
+
+class ChannelGroup(MaskState):
+    """Coupled channels that live or die together (a residual stream, a depthwise pair, an attention
+    head with its query, key, value and output projections, ...).
+
+    A channel's score is the sum of the squared L2 norms of its slices in every scoring tensor; PDP's
+    soft mask runs over those scores. The group is a child of each gated tensor's `ChannelMask`, so its
+    sparsity travels in `model.state_dict()`; it reads the scoring tensors' dense values at every call.
+
+    Args:
+        scoring: the slices whose norms score the channels (with gradient through them).
+        cleared: slices of tensors not gated during training that `finalize()` zeroes for pruned
+            channels too (e.g. a head's query and key rows: gating its values alone is what removing it does).
     """
 
     structure = "channel"
 
     def __init__(
-        self, name: str, size: int, producers: list[tuple[nn.Module, Tensor]], temperature: float, relative_temperature: bool
+        self, name: str, size: int, scoring: list[Slices], like: Tensor, temperature: float, relative_temperature: bool,
+        cleared: list[Slices] | None = None, kind: str = "channel", soft_gradient: bool = False,
     ) -> None:
-        super().__init__(temperature, relative_temperature)
-        self.name, self.size = name, size
-        self._producers = tuple(module for module, _ in producers)  # a tuple: not registered as children
-        for position, (_, indices) in enumerate(producers):
-            self.register_buffer(f"producer_indices_{position}", indices, persistent=False)
+        super().__init__((), like, temperature, relative_temperature, soft_gradient)
+        self.name, self.size, self.kind = name, size, kind
+        self._scoring = tuple(scoring)  # not modules: the tensors belong to the model
+        self._cleared = tuple(cleared or ())
+        for position, slices in enumerate(self._scoring + self._cleared):
+            self.register_buffer(f"positions_{position}", slices.positions, persistent=False)
+
+    @property
+    def producers(self) -> tuple[nn.Module, ...]:
+        """The modules whose tensors score the channels."""
+        return tuple(dict.fromkeys(slices.module for slices in self._scoring))
+
+    @property
+    def scoring(self) -> tuple[Slices, ...]:
+        """The slices whose norms score the channels."""
+        return self._scoring
+
+    @property
+    def cleared(self) -> tuple[Slices, ...]:
+        """Slices of ungated tensors that `finalize()` zeroes for pruned channels."""
+        return self._cleared
+
+    def _slices(self) -> list[Slices]:
+        # positions follow the buffers (moved with the model by .to())
+        return [Slices(s.module, s.tensor_name, s.dim, getattr(self, f"positions_{i}")) for i, s in enumerate(self._scoring)]
 
     def squared_scores(self) -> Tensor:
-        """(size,) sum over producers of each root channel's squared filter norm (with gradient)."""
-        total = torch.zeros(())
-        for position, module in enumerate(self._producers):
-            weight = module.parametrizations.weight.original
-            norms = weight.square().flatten(1).sum(dim=1)  # (out,)
-            total = total + norms[getattr(self, f"producer_indices_{position}")]  # (size,)
-        return total
+        """(size,) sum over scoring tensors of each channel's squared norm (with gradient)."""
+        scores = [slices.unit_norms(slices.tensor()) for slices in self._slices()]
+        return torch.stack(scores).sum(dim=0)
+
+    def _versions(self) -> tuple:
+        return (*(_version_key(slices.tensor()) for slices in self._scoring), self.pruned(self.sparsity))
+
+    def is_stale(self) -> bool:
+        return self._key != self._versions()
+
+    def refresh(self) -> None:
+        """Recompute t^2 over the channel scores at the current sparsity (after an optimizer step)."""
+        with torch.no_grad():
+            pruned = self.pruned(self.sparsity)
+            if pruned == 0:
+                self.threshold_squared.fill_(-math.inf)
+            else:
+                scores = self.squared_scores().reshape(1, -1)  # (1, size)
+                self.threshold_squared.copy_(midpoint(*order_statistics(scores, pruned)).square().reshape(()))
+        self._key = self._versions()
+
+    def mask(self) -> Tensor:
+        """(size,) the soft mask the network computes with now (with gradient through the scores)."""
+        if not _is_compiling() and self.is_stale():
+            self.refresh()
+        return soft_mask_from_squares(
+            self.squared_scores(), self.threshold_squared, self.temperature_value, self.relative_temperature, self.gradient_temperature_value
+        )
 
     def pruned(self, sparsity: float) -> int:
         """Channels pruned at `sparsity`; at least one channel always stays."""
         return min(pruned_count(sparsity, self.size), self.size - 1)
 
     def soft_mask(self, sparsity: float) -> Tensor:
-        """(size,) soft mask over the group's channels."""
+        """(size,) the straightforward soft mask over the group's channels at `sparsity`."""
         return self._mask_rows(self.squared_scores().reshape(1, -1), self.pruned(sparsity)).reshape(-1)
 
     def keep_mask(self, sparsity: float) -> Tensor:
@@ -272,28 +435,26 @@ class ChannelGroup(MaskState):
         return hard_keep_mask(self.squared_scores().detach().reshape(1, -1), self.pruned(sparsity)).reshape(-1)
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, {self.size} channels, " + super().extra_repr()
+        return f"{self.name!r}, {self.size} {self.kind}s, " + super().extra_repr()
 
 
 class ChannelMask(nn.Module):
-    """Parametrization of one member tensor (weight, bias or norm affine): scales its channel
-    `indices[i]` along dim 0 by the group's mask entry i and leaves its other channels alone."""
+    """Parametrization of one gated tensor (a weight, bias or norm affine): scales each channel's
+    entries along `dim` by the group's mask and leaves the tensor's other entries alone."""
 
     structure = "channel"
 
-    def __init__(self, group: ChannelGroup, indices: Tensor) -> None:
+    def __init__(self, group: ChannelGroup, dim: int, positions: Tensor) -> None:
         super().__init__()
         self.group = group
-        self.register_buffer("indices", indices, persistent=False)
+        self.dim = dim
+        self.register_buffer("positions", positions, persistent=False)
 
     def _scale(self, tensor: Tensor, mask: Tensor) -> Tensor:
-        scale = torch.ones(tensor.shape[0], dtype=tensor.dtype, device=tensor.device).index_copy(0, self.indices, mask.to(tensor.dtype))
-        return tensor * scale.reshape(-1, *([1] * (tensor.dim() - 1)))  # (out, 1, ...) broadcast over the filter
+        return scale_units(tensor, self.dim, self.positions, mask)
 
     def forward(self, tensor: Tensor) -> Tensor:
-        if self.group.sparsity == 0.0:
-            return tensor
-        return self._scale(tensor, self.group.soft_mask(self.group.sparsity))
+        return self._scale(tensor, self.group.mask())
 
     def soft(self, tensor: Tensor, sparsity: float) -> Tensor:
         """Every channel scaled by its soft mask: what the network computes with before the hard cut."""

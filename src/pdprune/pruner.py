@@ -11,20 +11,23 @@ A *unit* is what one threshold decides over: a weight tensor (unstructured or N:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pdprune._version import __version__
+from pdprune.attach import attach, check_finite
 from pdprune.config import PruningConfig
-from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask
+from pdprune.masks import batched_order_statistics, midpoint
+from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask, SoftMask, UnstructuredMask
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
 from pdprune.schedule import Schedule, global_budgets, lamp_budgets, uniform_budgets
-from pdprune.attach import attach, check_finite
 
 __all__ = ["PDPPruner"]
 
@@ -32,6 +35,25 @@ STATE_FORMAT = 1
 HARD_CUT_WARNING = 0.01
 """finalize() warns when the hard cut removes more than this fraction of a tensor's effective weight energy
 (ResNet-20 at 1:4: 1.4% cost six points; 90% unstructured: 0.1% cost nothing; benchmarks/study_histories.py)."""
+
+
+_ATTACHED: weakref.WeakSet[PDPPruner] = weakref.WeakSet()
+_OPTIMIZER_HOOK: Any = None
+_OPTIMIZER_STEPS = 0
+
+
+def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The optimizer's weights just changed: every attached pruner recomputes the thresholds of those it
+    masks, so the next forward pass is exact even if `step()` comes once per epoch only, or under
+    `torch.compile`, where a forward pass cannot check. (Fused optimizers change weights without
+    bumping their version counters, so nothing short of this hook sees every update.)"""
+    global _OPTIMIZER_STEPS
+    _OPTIMIZER_STEPS += 1
+    pruners = list(_ATTACHED)
+    if pruners:
+        parameters = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+        for pruner in pruners:
+            pruner._refresh(force=True, parameters=parameters)
 
 
 class PDPPruner:
@@ -45,10 +67,11 @@ class PDPPruner:
         model: any `nn.Module`; it is modified in place.
         config: what to prune; `PruningConfig()` (90% unstructured, global) if None.
         example_inputs: a batch the model accepts; needed only for the "channel" structure, to trace
-            which channels are coupled.
+            which channels are coupled: a tensor, a tuple of positional tensors, or a dict of keyword
+            tensors (a Hugging Face batch).
     """
 
-    def __init__(self, model: nn.Module, config: PruningConfig | None = None, example_inputs: Tensor | Sequence[Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, config: PruningConfig | None = None, example_inputs: Any = None) -> None:
         self.model = model
         self.config = config if config is not None else PruningConfig()
         self.schedule = Schedule(self.config.schedule)
@@ -59,7 +82,14 @@ class PDPPruner:
         self.units, self.skipped = attached.units, attached.skipped
         self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
         self._group_members = attached.group_members  # group -> member tensor -> its channel per root channel
+        self._masks = [(unit, self._tensors[name][0].parametrizations[self._tensors[name][1]]) for name, unit in self.units.items()
+                       if isinstance(unit, SoftMask)]  # (mask, its ParametrizationList): what refresh() visits
+        self._optimizer_steps_seen = _OPTIMIZER_STEPS
         self._update_sparsities()
+        global _OPTIMIZER_HOOK
+        _ATTACHED.add(self)
+        if _OPTIMIZER_HOOK is None:
+            _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_any_optimizer_step)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -84,11 +114,59 @@ class PDPPruner:
                 self.budgets = self._allocate()
                 self.schedule.allocated_epoch = int(self.schedule.epoch)
             fraction = self.schedule.ramp_fraction
-        factor = self.schedule.temperature_factor
-        slope = self.config.temperature if self.config.schedule.anneal_soft_gradient and factor < 1 else None
+        temperature = self.config.temperature * self.schedule.temperature_factor
         for name, unit in self.units.items():
             unit.sparsity = 0.0 if self.budgets is None else fraction * self.budgets[name]
-            unit.temperature, unit.gradient_temperature = self.config.temperature * factor, slope
+            unit.set_temperature(temperature, self.config.temperature)
+        # An optimizer's step refreshed every threshold already (its hook) unless the weights changed by
+        # other means since the last step(): then everything is recomputed. Either way, the units whose
+        # pruned count just changed are.
+        self._refresh(force=_OPTIMIZER_STEPS == self._optimizer_steps_seen)
+        self._optimizer_steps_seen = _OPTIMIZER_STEPS
+
+    def refresh(self) -> None:
+        """Recompute every threshold from the current weights.
+
+        `step()` does, and so does every `torch.optim` optimizer's `step()` while the pruner is attached;
+        call it yourself only after changing weights by other means (e.g. `p.data -= ...`) before a
+        forward pass under `torch.compile` (an eager forward pass refreshes a weight changed in place).
+        """
+        self._refresh(force=True)
+
+    def _refresh(self, force: bool, parameters: set[int] | None = None) -> None:
+        """Refresh the masks of `parameters` (ids; all if None): all of them if `force`, else the stale
+        ones. On a GPU, all unstructured thresholds come from one sort, with no host synchronization."""
+        if self.finalized:
+            return
+        batch: list[tuple[UnstructuredMask, Tensor, int]] = []
+        for mask, chain in self._masks:
+            original = chain.original
+            if parameters is not None and id(original) not in parameters:
+                continue
+            if hasattr(original, "full_tensor"):
+                continue  # sharded (FSDP2): the forward pass sees the gathered weight and refreshes there
+            if not force and not mask.is_stale(original):
+                continue
+            if isinstance(mask, UnstructuredMask) and original.is_cuda and original.dtype != torch.float64:
+                pruned = mask.pruned_of(original)
+                if 0 < pruned < original.numel():
+                    batch.append((mask, original, pruned))
+                    continue
+            mask.refresh(original)
+        if batch:
+            with torch.no_grad():
+                largest_pruned, smallest_kept = batched_order_statistics([w.square() for _, w, _ in batch], [p for _, _, p in batch])
+                thresholds = midpoint(largest_pruned, smallest_kept).square()  # (T,)
+                torch._foreach_copy_([mask.threshold_squared for mask, _, _ in batch], list(thresholds.to(batch[0][1].dtype).unbind()))
+            for mask, original, _ in batch:
+                mask.mark_fresh(original)
+        for unit in self.units.values():
+            if not isinstance(unit, ChannelGroup):
+                continue
+            if parameters is not None and not any(id(slices.tensor()) in parameters for slices in unit.scoring):
+                continue
+            if force or unit.is_stale():
+                unit.refresh()
 
     def _allocate(self) -> dict[str, float]:
         """Per-unit budgets: fixed for N:M, `sparsity` for channel groups, global or uniform for the rest."""
@@ -140,6 +218,7 @@ class PDPPruner:
             with torch.no_grad():
                 getattr(module, tensor_name).copy_(baked[name])
         self.finalized = True
+        _ATTACHED.discard(self)
         return self.model
 
     def finalized_state_dict(self) -> dict[str, Tensor]:
@@ -205,6 +284,7 @@ class PDPPruner:
             if parametrize.is_parametrized(module, tensor_name):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         self.finalized = True
+        _ATTACHED.discard(self)
         return self.model
 
     def report(self) -> SparsityReport:
@@ -217,16 +297,18 @@ class PDPPruner:
             if isinstance(unit, ChannelGroup):
                 groups.append(GroupSparsity(name, unit.size, self._dead_channels(unit), tuple(sorted(self._group_members[name])),
                                             unit.pruned(budgets[name]) / unit.size, None if current is None else unit.pruned(current) / unit.size))
-                for producer in unit._producers:
-                    weight = producer.weight
-                    entry = channel_targets.setdefault(self._name_of(producer) + ".weight", [0.0, 0.0])
-                    entry[0] += unit.pruned(budgets[name]) / weight.shape[0]
-                    entry[1] += unit.pruned(unit.sparsity) / weight.shape[0]
+                for slices in unit.scoring:
+                    entries = slices.tensor().shape[slices.dim]
+                    per_unit = slices.positions.shape[1]
+                    entry = channel_targets.setdefault(f"{self._name_of(slices.module)}.{slices.tensor_name}", [0.0, 0.0])
+                    entry[0] += unit.pruned(budgets[name]) * per_unit / entries
+                    entry[1] += unit.pruned(unit.sparsity) * per_unit / entries
                 continue
             weight = self._tensors[name][0].weight
             rows.append(LayerSparsity(name, unit.structure, weight.numel(), int((weight == 0).sum()), budgets[name], current))
         for name, (target, current) in channel_targets.items():
-            weight = self.model.get_submodule(name.removesuffix(".weight")).weight
+            module_name, _, tensor_name = name.rpartition(".")
+            weight = getattr(self.model.get_submodule(module_name), tensor_name)
             rows.append(LayerSparsity(name, "channel", weight.numel(), int((weight == 0).sum()), target, None if self.finalized else current))
         order = {f"{name}.weight": position for position, (name, _) in enumerate(self.model.named_modules())}
         order |= {name.removesuffix(".weight"): position for name, position in order.items()}

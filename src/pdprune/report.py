@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from pdprune.config import PRUNABLE_MODULE_TYPES
+from pdprune.layers import DEFAULT_MODULE_TYPES, layer_type_of, layer_types
 
 __all__ = ["LayerSparsity", "GroupSparsity", "SparsityReport", "model_sparsity", "state_dict_sparsity", "plot_sparsity"]
 
@@ -114,12 +114,13 @@ def _markdown(rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
-def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")) -> SparsityReport:
-    """Exact zeros of every weight of the given module types, for any model (pruned by us or not)."""
-    kinds = tuple(PRUNABLE_MODULE_TYPES[name] for name in module_types)
+def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = DEFAULT_MODULE_TYPES) -> SparsityReport:
+    """Exact zeros of every weight of the given layer types (`pdprune.layers`), for any model (pruned by us or not)."""
+    known = layer_types()
     layers = []
     for module_name, module in model.named_modules():
-        if isinstance(module, kinds):
+        layer_type = layer_type_of(module, known)
+        if layer_type is not None and layer_type.name in module_types:
             weight = module.weight
             name = f"{module_name}.weight" if module_name else "weight"
             layers.append(LayerSparsity(name, "-", weight.numel(), int((weight == 0).sum())))

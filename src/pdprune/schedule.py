@@ -9,16 +9,31 @@ ramp smoothly; calling it once per epoch with `steps_per_epoch=1` reproduces the
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ScheduleConfig", "Schedule", "global_budgets", "lamp_budgets", "uniform_budgets", "ALLOCATIONS"]
+__all__ = ["ScheduleConfig", "Schedule", "global_budgets", "lamp_budgets", "uniform_budgets", "ALLOCATIONS", "real_number"]
 
 ALLOCATIONS = ("global", "uniform", "lamp")
 RAMP_SHAPES = ("linear", "cubic")
+
+
+def real_number(name: str, value: Any, example: str) -> float:
+    """`value` as a finite float: any real number (numpy's too), never a bool, NaN or infinity.
+
+    Raises:
+        TypeError: not a real number; ValueError: NaN or infinite. Both name the argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}; {example}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}; {example}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -58,33 +73,55 @@ class ScheduleConfig:
     reallocate: bool = False
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+        warmup = real_number("warmup_epochs", self.warmup_epochs, "e.g. 1 dense epoch first")
+        if warmup < 0:
             raise ValueError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        object.__setattr__(self, "warmup_epochs", warmup)
         if self.ramp_rate is not None and self.ramp_end_epoch is not None:
             raise ValueError(
                 f"give ramp_rate or ramp_end_epoch, not both (got {self.ramp_rate} and {self.ramp_end_epoch})"
             )
-        if self.ramp_rate is not None and not (0 < self.ramp_rate <= 1):
-            raise ValueError(f"ramp_rate must be in (0, 1], got {self.ramp_rate}; e.g. 0.015 per epoch")
-        if self.ramp_end_epoch is not None and not self.ramp_end_epoch >= self.warmup_epochs:
-            raise ValueError(
-                f"ramp_end_epoch must be >= warmup_epochs ({self.warmup_epochs}), got {self.ramp_end_epoch}"
-            )
-        if self.ramp_shape not in RAMP_SHAPES:
+        if self.ramp_rate is not None:
+            rate = real_number("ramp_rate", self.ramp_rate, "e.g. 0.015 per epoch")
+            if not 0 < rate <= 1:
+                raise ValueError(f"ramp_rate must be in (0, 1], got {self.ramp_rate}; e.g. 0.015 per epoch")
+            object.__setattr__(self, "ramp_rate", rate)
+        if self.ramp_end_epoch is not None:
+            ramp_end = real_number("ramp_end_epoch", self.ramp_end_epoch, "the epoch at which the target is reached")
+            if not ramp_end >= warmup:
+                raise ValueError(f"ramp_end_epoch must be >= warmup_epochs ({warmup:g}), got {self.ramp_end_epoch}")
+            object.__setattr__(self, "ramp_end_epoch", ramp_end)
+        if not isinstance(self.ramp_shape, str) or self.ramp_shape not in RAMP_SHAPES:
             raise ValueError(f"ramp_shape must be one of {RAMP_SHAPES}, got {self.ramp_shape!r}")
-        if not 0 < self.anneal_factor <= 1:
+        factor = real_number("anneal_factor", self.anneal_factor, "e.g. 1e-3")
+        if not 0 < factor <= 1:
             raise ValueError(f"anneal_factor must be in (0, 1], got {self.anneal_factor}; e.g. 1e-3")
-        if self.anneal_end_epoch is not None and not self.anneal_end_epoch > self.ramp_end:
-            raise ValueError(
-                f"anneal_end_epoch must come after the ramp ends (epoch {self.ramp_end:g}), got {self.anneal_end_epoch}"
-            )
+        object.__setattr__(self, "anneal_factor", factor)
+        if self.anneal_end_epoch is not None:
+            anneal_end = real_number("anneal_end_epoch", self.anneal_end_epoch, "an epoch after the ramp ends")
+            if not anneal_end > self.ramp_end:
+                raise ValueError(f"anneal_end_epoch must come after the ramp ends (epoch {self.ramp_end:g}), got {self.anneal_end_epoch}")
+            object.__setattr__(self, "anneal_end_epoch", anneal_end)
+        for name in ("anneal_soft_gradient", "reallocate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.anneal_soft_gradient and self.anneal_end_epoch is None:
             raise ValueError("anneal_soft_gradient applies while annealing: set anneal_end_epoch too, or leave it off")
-        if isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
+        if isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, numbers.Integral) or self.steps_per_epoch < 1:
             raise ValueError(
                 f"steps_per_epoch must be an int >= 1, got {self.steps_per_epoch!r}; "
                 "pass len(train_loader) when calling step() after every optimizer step"
             )
+        object.__setattr__(self, "steps_per_epoch", int(self.steps_per_epoch))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ScheduleConfig:
+        """A config from `asdict(config)` or a hand-written dict; unknown keys are named."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ScheduleConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
 
     @property
     def ramp_end(self) -> float:

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from pdprune.baselines.base import Baseline, MethodSpec, selected_weights
 from pdprune.config import parse_structure
-from pdprune.masks import group_along_inputs, hard_keep_mask, ungroup_along_inputs
+from pdprune.masks import nm_keep_mask as _keep
 
 __all__ = ["SRSTE", "SPARSE_REFINED_DECAY"]
 
@@ -22,8 +22,7 @@ SPARSE_REFINED_DECAY = 2e-4  # lambda_W of the paper
 
 
 def nm_keep_mask(weight: Tensor, n: int, m: int) -> Tensor:
-    groups = group_along_inputs(weight.detach().square(), m)  # (out, *kernel, in // m, m)
-    return ungroup_along_inputs(hard_keep_mask(groups, m - n), weight.shape)
+    return _keep(weight.detach().square(), m - n, m)
 
 
 class _SparseRefinedSTE(torch.autograd.Function):

@@ -1,0 +1,110 @@
+"""Which module types hold prunable weights, and where a weight's inputs and outputs lie.
+
+PyTorch's layers keep their weight as (out, in, ...); others do not: Hugging Face's GPT-2 `Conv1D` keeps
+(in, out). N:M groups run along the input dimension and channels along the output dimension, so every
+prunable type is declared with its layout:
+
+    pdprune.register_layer_type("MyLinear", MyLinear, input_dim=0, output_dim=1)
+
+`transformers`' Conv1D is known out of the box (as "Conv1D") whenever transformers is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["LayerType", "register_layer_type", "layer_types", "layer_type_of", "DEFAULT_MODULE_TYPES"]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """A module class whose `weight` PDP may prune, with the dimension of its inputs and of its outputs."""
+
+    name: str
+    module_type: type[nn.Module]
+    input_dim: int = 1
+    output_dim: int = 0
+
+    def check(self, weight: Tensor, module_name: str) -> None:
+        """Raise ValueError if `weight` (of module `module_name`) cannot have this layout."""
+        if weight.dim() < 2 or max(self.input_dim, self.output_dim) >= weight.dim():
+            raise ValueError(
+                f"{module_name!r} is a {self.name} whose weight has shape {tuple(weight.shape)}, but the layer type "
+                f"{self.name!r} declares input_dim={self.input_dim} and output_dim={self.output_dim}; "
+                "declare the layout its weight has with pdprune.register_layer_type, or exclude the module"
+            )
+
+
+_BUILT_IN = {
+    "Linear": LayerType("Linear", nn.Linear),
+    "Conv1d": LayerType("Conv1d", nn.Conv1d),
+    "Conv2d": LayerType("Conv2d", nn.Conv2d),
+    "Conv3d": LayerType("Conv3d", nn.Conv3d),
+    "Embedding": LayerType("Embedding", nn.Embedding),
+}
+_FROM_LIBRARIES = {"Conv1D": ("transformers", "transformers.pytorch_utils", "Conv1D", 0, 1)}
+"""name -> (library, module path, class, input_dim, output_dim): known once the library is imported."""
+_REGISTERED: dict[str, LayerType] = {}
+
+DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+"""What `PruningConfig.module_types` selects by default (not embeddings)."""
+
+
+def register_layer_type(name: str, module_type: type[nn.Module], *, input_dim: int = 1, output_dim: int = 0) -> LayerType:
+    """Declare `module_type` (whose `weight` is a Parameter) prunable under `name`, for `module_types`.
+
+    Args:
+        name: what `PruningConfig(module_types=...)` calls it.
+        input_dim: the weight's dimension that runs over the layer's inputs (N:M groups lie along it).
+        output_dim: the weight's dimension that runs over its outputs (channels lie along it).
+    Raises:
+        TypeError: `module_type` is not an `nn.Module` subclass.
+        ValueError: the dimensions are negative or equal, or `name` is taken by another type.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    for label, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{label} of layer type {name!r} must be an int >= 0 (a dimension of its weight), got {value!r}")
+    if input_dim == output_dim:
+        raise ValueError(
+            f"layer type {name!r}: input_dim and output_dim are both {input_dim}; a weight's inputs and outputs lie along "
+            "two different dimensions, e.g. input_dim=1, output_dim=0 for (out, in) as nn.Linear stores it"
+        )
+    known = layer_types().get(name)
+    if known is not None and known.module_type is not module_type:
+        raise ValueError(f"layer type name {name!r} is taken by {known.module_type.__qualname__}; pick another name")
+    layer_type = LayerType(name, module_type, input_dim, output_dim)
+    _REGISTERED[name] = layer_type
+    return layer_type
+
+
+def layer_types() -> dict[str, LayerType]:
+    """Every known prunable layer type by name: built in, from imported libraries, registered."""
+    known = dict(_BUILT_IN)
+    for name, (library, path, class_name, input_dim, output_dim) in _FROM_LIBRARIES.items():
+        if library in sys.modules:  # only where the user's model may use it: importing it here would be slow
+            try:
+                known[name] = LayerType(name, getattr(importlib.import_module(path), class_name), input_dim, output_dim)
+            except (ImportError, AttributeError):
+                pass
+    return known | _REGISTERED
+
+
+def known_names() -> set[str]:
+    """Names `module_types` accepts, including those of libraries not imported (yet)."""
+    return set(_BUILT_IN) | set(_FROM_LIBRARIES) | set(_REGISTERED)
+
+
+def layer_type_of(module: nn.Module, types: dict[str, LayerType] | None = None) -> LayerType | None:
+    """The layer type of `module` (its own class first, then the nearest base class), or None."""
+    types = layer_types() if types is None else types
+    by_class = {layer_type.module_type: layer_type for layer_type in types.values()}
+    for cls in type(module).__mro__:
+        if cls in by_class:
+            return by_class[cls]
+    return None
