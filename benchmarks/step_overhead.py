@@ -1,14 +1,20 @@
 """Training-step time and peak memory of PDP and its peers relative to dense training, side by side.
 
     python benchmarks/step_overhead.py                  # CPU, 2 threads
+    python benchmarks/step_overhead.py --compile        # also every PDP variant and dense under torch.compile
     python benchmarks/step_overhead.py --device cuda
 
 Workloads: (a) ResNet-20 at CIFAR shapes, batch 128; (b) four 768-3072-768 MLP blocks, batch 256;
-(c) two BERT-base encoder layers (hidden 768, 12 heads, seq 128), batch 8. Each timed repeat runs
+(c) two BERT-base encoder layers (hidden 768, 12 heads, seq 128), batch 8; (d) LeNet-5 at MNIST
+shapes, batch 64, and (e) the digits MLP of `make demo` (64-256-256-10), batch 64: small models where
+a fixed cost per pruned tensor shows. Each timed repeat runs
 `--steps` training steps (forward, backward, optimizer step, mask update) of every method in turn,
 after warm-up steps (which also compile PDP's kernels), so that drift of a shared machine hits all
 methods alike. Reported: median step time over repeats, min-max, ratio of medians to dense, and peak
-memory above dense (CUDA: allocator peak; CPU: peak of the profiler's tensor-memory timeline).
+memory above dense (CUDA: allocator peak; CPU: peak of the profiler's tensor-memory timeline). Then,
+independent of the device's speed, the ATen operations PDP adds to a training step (counted by a
+dispatch mode; views apart), per pruned tensor, in the forward pass, the backward pass and the
+optimizer and pruner steps, and the host reads (`.item()` and the like) in each.
 PDP budgets are uniform here: global allocation at initialization can give a layer 100% sparsity,
 whose mask then costs nothing, which would flatter the measurement.
 
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig
 from pdprune.models import build_model
@@ -77,7 +84,17 @@ WORKLOADS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.device], tup
         EncoderStack,
         lambda device: (torch.randn(8, 128, 768, device=device), None),
     ),
+    "(d) LeNet-5, MNIST shapes, batch 64": (
+        lambda: build_model("lenet5", (1, 28, 28), 10),
+        lambda device: (torch.randn(64, 1, 28, 28, device=device), torch.randint(0, 10, (64,), device=device)),
+    ),
+    "(e) digits MLP 64-256-256-10, batch 64": (
+        lambda: build_model("mlp", (64,), 10),
+        lambda device: (torch.randn(64, 64, device=device), torch.randint(0, 10, (64,), device=device)),
+    ),
 }
+COMPILED = ("dense", "PDP 90%", "PDP 2:4", "PDP channel 50%")
+"""The methods that `--compile` also measures under torch.compile (the peers' masks are eager code)."""
 
 
 class StraightforwardPDP(UnstructuredMask):
@@ -155,18 +172,35 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor], object | None]] = {
 }
 
 
-def _setup(workload: str, method: str, device: torch.device):
+def _setup(workload: str, method: str, device: torch.device, parts: bool = False):
+    """One training step of `method` (a name of METHODS, or of COMPILED with ", compiled") as a function;
+    with `parts`, as three functions: forward (returning the loss), backward, optimizer and mask steps."""
     build, batch = WORKLOADS[workload]
     x, y = batch(device)
     torch.manual_seed(0)
     model = build().to(device)
+    base = method.removesuffix(", compiled")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stepper = METHODS[method](model, x)
+        stepper = METHODS[base](model, x)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    run = torch.compile(model) if method.endswith(", compiled") else model
+
+    def forward() -> torch.Tensor:
+        out = run(x)
+        return nn.functional.cross_entropy(out, y) if y is not None else out.square().mean()
+
+    def steps() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if stepper is not None:
+            stepper.step()
+
+    if parts:
+        return forward, lambda loss: loss.backward(), steps, stepper
 
     def step() -> None:
-        out = model(x)
+        out = run(x)
         loss = nn.functional.cross_entropy(out, y) if y is not None else out.square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,6 +209,40 @@ def _setup(workload: str, method: str, device: torch.device):
             stepper.step()
 
     return step
+
+
+class _OperationCounter(TorchDispatchMode):
+    """Counts the ATen operations that run (views apart: they launch no kernel) and the host reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations = self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += not func.is_view
+        self.host_reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+PHASES = ("forward", "backward", "optimizer and mask steps")
+
+
+def count_operations(workload: str, method: str, device: torch.device) -> dict[str, object]:
+    """ATen operations and host reads of one training step after two warm-up steps, per phase, and
+    the number of tensors the method masks."""
+    forward, backward, update, stepper = _setup(workload, method, device, parts=True)
+    for _ in range(2):
+        backward(forward())
+        update()
+    counters = {phase: _OperationCounter() for phase in PHASES}
+    with counters["forward"]:
+        loss = forward()
+    with counters["backward"]:
+        backward(loss)
+    with counters["optimizer and mask steps"]:
+        update()
+    masked = len(stepper.tensor_names) if isinstance(stepper, PDPPruner) else None
+    return {"masked_tensors": masked, **{phase: {"operations": c.operations, "host_reads": c.host_reads} for phase, c in counters.items()}}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -255,10 +323,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="result files without suffix (default: benchmarks/results/step_overhead_<device>)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS), metavar="WORKLOAD")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--compile", action="store_true", help=f"also time {', '.join(COMPILED)} under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     methods = ["dense", *[m for m in args.methods if m != "dense"]]
+    if args.compile:
+        methods += [f"{m}, compiled" for m in COMPILED if m in methods]
     results = {}
     for workload in args.workloads:
         times = measure_times(workload, methods, device, args.steps, args.repeats, args.warmup)
@@ -275,6 +346,7 @@ def main() -> None:
             results[workload]["methods"][method] = row
             print(f"{workload:44s} {method:48s} {row['median_ms']:9.1f} ms  x{row['ratio_to_dense']:.3f}  {extra:+7.1f} MB", flush=True)
 
+    operations = {workload: {m: count_operations(workload, m, device) for m in methods if not m.endswith(", compiled")} for workload in args.workloads}
     machine = machine_name(device, args.threads)
     lines = [f"Training-step time, median of {args.repeats} repeats of {args.steps} steps; {machine}; torch {torch.__version__}", "",
              "| workload | method | step (ms) | min-max (ms) | / dense | peak memory above dense (MB) |", "|---|---|---|---|---|---|"]
@@ -283,6 +355,18 @@ def main() -> None:
             lines.append(f"| {workload} | {method} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
                          f"{row['ratio_to_dense']:.3f} | {_megabytes(row['extra_peak_memory_mb'])} |")
         lines.append(f"| {workload} | (one copy of the prunable weights) | | | | {entry['prunable_weights_mb']:.0f} |")
+    lines += ["", "ATen operations (views apart) and host reads in one training step, and what PDP adds per masked tensor:", "",
+              "| workload | method | masked tensors | forward ops | backward ops | step ops | added ops per masked tensor | host reads: forward, backward, steps |",
+              "|---|---|---|---|---|---|---|---|"]
+    for workload, rows in operations.items():
+        dense = sum(rows["dense"][phase]["operations"] for phase in PHASES)
+        for method, row in rows.items():
+            total = sum(row[phase]["operations"] for phase in PHASES)
+            added = f"{(total - dense) / row['masked_tensors']:.1f}" if row["masked_tensors"] else ""
+            reads = ", ".join(str(row[phase]["host_reads"]) for phase in PHASES)
+            lines.append(f"| {workload} | {method} | {row['masked_tensors'] or ''} | {row['forward']['operations']} | {row['backward']['operations']} | "
+                         f"{row['optimizer and mask steps']['operations']} | {added} | {reads} |")
+        results[workload]["operations"] = rows
     save(args.out or RESULTS / f"step_overhead_{device.type}", args, machine, results, lines)
 
 

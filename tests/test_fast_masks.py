@@ -13,6 +13,8 @@ from pdprune.masks import (
     band_order_statistics,
     batched_order_statistics,
     group_threshold_squares,
+    KEEP_OUTPUT_FROM,
+    inverse_temperature,
     masked_weight,
     midpoint_threshold,
     order_statistics,
@@ -22,8 +24,10 @@ from pdprune.masks import (
 from pdprune.parametrizations import BAND_FROM, NMMask, UnstructuredMask
 
 
-def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=like.dtype)
+def _masked(weight: torch.Tensor, t: torch.Tensor, temperature: float, relative: bool, gradient_temperature: float | None = None, **options) -> torch.Tensor:
+    """masked_weight with the coefficients of threshold t and a temperature."""
+    slope = None if gradient_temperature is None else inverse_temperature(t.square(), gradient_temperature, relative)
+    return masked_weight(weight, t.square(), inverse_temperature(t.square(), temperature, relative), gradient_inverse_tau=slope, **options)
 
 
 def _sorted_pair(values: torch.Tensor, pruned: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +80,7 @@ def test_masked_weight_matches_the_autograd_reference_values_and_gradients(compi
     tau = temperature_for(t, 0.05 if relative else 1e-3, relative)
     fast_w = weight.clone().requires_grad_()
     reference_w = weight.clone().requires_grad_()
-    fast = masked_weight(fast_w, t.square(), _scalar(0.05 if relative else 1e-3, weight), relative, compiled=compiled)
+    fast = _masked(fast_w, t, 0.05 if relative else 1e-3, relative, compiled=compiled)
     reference = reference_w * soft_mask(reference_w.square(), t, tau)
     _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
@@ -86,7 +90,7 @@ def test_the_fused_surrogate_gradient_matches_the_autograd_reference(compiled):
     weight = torch.randn(64, 33, dtype=torch.float64) * 0.1
     t = midpoint_threshold(weight.square().reshape(1, -1), 1500).reshape(())
     fast_w, reference_w = weight.clone().requires_grad_(), weight.clone().requires_grad_()
-    fast = masked_weight(fast_w, t.square(), _scalar(5e-5, weight), True, compiled=compiled, gradient_temperature=_scalar(0.05, weight))
+    fast = _masked(fast_w, t, 5e-5, True, gradient_temperature=0.05, compiled=compiled)
     reference = reference_w * soft_mask(reference_w.square(), t, temperature_for(t, 5e-5, True), temperature_for(t, 0.05, True))
     _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
@@ -99,8 +103,7 @@ def test_an_annealed_temperature_does_not_recompile_the_kernels(relative):
     t = midpoint_threshold(weight.detach().square().reshape(1, -1), 500).reshape(())
     graphs = []
     for temperature in (0.05, 0.01, 0.002, 4e-4):
-        value = torch.tensor(temperature if relative else temperature * 0.01)
-        masked_weight(weight, t.square(), value, relative, compiled=True).sum().backward()
+        _masked(weight, t, temperature if relative else temperature * 0.01, relative, compiled=True).sum().backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == graphs[:1] * 3  # compiled once (forward and backward), then reused at every temperature
 
@@ -109,9 +112,9 @@ def test_grouped_thresholds_broadcast_in_the_fused_function():
     groups = torch.randn(10, 5, 4, dtype=torch.float64, requires_grad=True)
     t = midpoint_threshold(groups.detach().square(), 2)
     tau = temperature_for(t, 0.05, True)
-    fast = masked_weight(groups, t.square(), _scalar(0.05, groups), True)
+    fast = _masked(groups, t, 0.05, True)
     torch.testing.assert_close(fast, groups * soft_mask(groups.square(), t, tau))
-    assert torch.autograd.gradcheck(lambda w: masked_weight(w, t.square(), _scalar(0.05, groups), True), (groups,))
+    assert torch.autograd.gradcheck(lambda w: _masked(w, t, 0.05, True), (groups,))
 
 
 def _reference_forward(mask, weight):
@@ -202,9 +205,10 @@ def test_the_band_path_follows_moving_weights_exactly():
     assert misses <= 3
 
 
-def test_the_fused_function_saves_no_more_than_the_weight_and_its_output():
-    weight = torch.randn(256, 256, requires_grad=True)
-    t = midpoint_threshold(weight.detach().square().reshape(1, -1), 50_000).reshape(())
+def test_the_fused_function_saves_no_more_than_the_weight_and_its_output_for_large_tensors():
+    weight = torch.randn(512, 512, requires_grad=True)
+    assert weight.numel() >= KEEP_OUTPUT_FROM
+    t = midpoint_threshold(weight.detach().square().reshape(1, -1), 200_000).reshape(())
     tau = temperature_for(t, 0.05, True)
 
     def saved_bytes(function) -> int:
@@ -218,7 +222,7 @@ def test_the_fused_function_saves_no_more_than_the_weight_and_its_output():
             function()
         return sum(sizes)
 
-    fast = saved_bytes(lambda: masked_weight(weight, t.square(), torch.tensor(0.05), True))
+    fast = saved_bytes(lambda: _masked(weight, t, 0.05, True))
     reference = saved_bytes(lambda: weight * soft_mask(weight.square(), t, tau))
     assert fast <= weight.numel() * 4 + 64, "only the output (which the layer keeps anyway) and scalars"
     assert reference >= 2 * weight.numel() * 4

@@ -14,6 +14,7 @@ from pdprune.masks import (
     is_nm_sparse,
     midpoint_threshold,
     pruned_count,
+    inverse_temperature,
     masked_weight,
     soft_mask,
     temperature_for,
@@ -70,11 +71,11 @@ def test_gradient_of_masked_weight_matches_closed_form():
 def test_straight_through_keeps_the_forward_and_lets_pruned_weights_learn_as_if_kept():
     weight = torch.randn(200, dtype=torch.float64, requires_grad=True)
     t = _threshold(weight.detach(), 0.7).squeeze()
-    sharp = torch.tensor(1e-6, dtype=torch.float64)  # tau = 1e-6 t^2, nearly hard: PDP's own gradient below t is about 0
-    masked = masked_weight(weight, t.square(), sharp, relative=True)
+    sharp = (t.square(), inverse_temperature(t.square(), 1e-6, relative=True))  # tau = 1e-6 t^2, nearly hard: PDP's own gradient below t is about 0
+    masked = masked_weight(weight, *sharp)
     upstream = torch.randn(200, dtype=torch.float64)
     (plain,) = torch.autograd.grad(masked, weight, upstream)
-    through = masked_weight(weight, t.square(), sharp, relative=True, straight_through=True)
+    through = masked_weight(weight, *sharp, straight_through=True)
     torch.testing.assert_close(through, masked, rtol=0, atol=0)
     (gradient,) = torch.autograd.grad(through, weight, upstream)
     m = masked.detach() / weight.detach()

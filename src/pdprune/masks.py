@@ -25,7 +25,9 @@ __all__ = [
     "temperature_for",
     "soft_mask",
     "masked_weight",
-    "soft_mask_from_squares",
+    "inverse_temperature",
+    "soft_mask_from_inverse",
+    "KEEP_OUTPUT_FROM",
     "group_threshold_squares",
     "batched_order_statistics",
     "hard_keep_mask",
@@ -60,22 +62,18 @@ def midpoint_threshold(squared_scores: Tensor, pruned: int) -> Tensor:
 
 
 def order_statistics(squared_scores: Tensor, pruned: int) -> tuple[Tensor, Tensor]:
-    """The `pruned`-th and (`pruned`+1)-th smallest along the last dimension, with one selection.
-
-    Same values as sorting: a kth-value selection for the first, then the smallest score above it
-    (or the same value when it is tied with the next one); on CUDA, one sort. No host synchronization.
+    """The `pruned`-th and (`pruned`+1)-th smallest along the last dimension: the values a sort gives,
+    from two selections (on CUDA one sort: its kthvalue gives each row one thread block). No host
+    synchronization.
 
     Returns:
         Two (..., 1) tensors: the largest pruned and the smallest kept squared score.
     """
     values = squared_scores.detach()
-    if values.is_cuda:  # CUDA's kthvalue gives each row one thread block; a sort uses the whole GPU
+    if values.is_cuda:
         ordered = values.sort(dim=-1).values
         return ordered[..., pruned - 1 : pruned], ordered[..., pruned : pruned + 1]
-    largest_pruned = values.kthvalue(pruned, dim=-1, keepdim=True).values
-    above = torch.where(values > largest_pruned, values, torch.inf).amin(dim=-1, keepdim=True)
-    tied = (values <= largest_pruned).sum(dim=-1, keepdim=True) > pruned
-    return largest_pruned, torch.where(tied, largest_pruned, above)
+    return values.kthvalue(pruned, dim=-1, keepdim=True).values, values.kthvalue(pruned + 1, dim=-1, keepdim=True).values
 
 
 BAND_ROW = 64
@@ -147,67 +145,81 @@ def soft_mask(
     return slope + (mask - slope).detach()
 
 
-def _tau(threshold_squared: Tensor, temperature: Tensor, relative: bool) -> Tensor:
-    """tau from t^2: relative (temperature * t^2) or absolute, kept finite and above 0 so that the
-    sentinels t^2 = -inf (keep every weight) and +inf (prune every weight) give exact masks of 1 and 0."""
-    if not relative:
-        return temperature
+def inverse_temperature(threshold_squared: Tensor, temperature: Tensor | float, relative: bool) -> Tensor:
+    """1 / tau for each threshold, finite and above 0, so that m = sigmoid((s - t^2) * (1 / tau)) costs a
+    multiply, not a divide, and the sentinels t^2 = -inf (m = 1) and +inf (m = 0) give no NaN.
+
+    Args:
+        threshold_squared: t^2, any shape (one per threshold).
+        temperature: tau / t^2 if `relative`, else tau (a number or a tensor that broadcasts).
+    Returns:
+        A tensor of the shape of `threshold_squared`.
+    """
     finite = torch.finfo(threshold_squared.dtype)
-    return (temperature * threshold_squared).clamp(finite.tiny, finite.max)
+    if relative:
+        tau = temperature * threshold_squared
+    else:
+        tau = torch.as_tensor(temperature, dtype=threshold_squared.dtype, device=threshold_squared.device).expand_as(threshold_squared)
+    return (1 / tau.clamp(finite.tiny, finite.max)).clamp(finite.tiny, finite.max)
 
 
-def soft_mask_from_squares(
-    squared_scores: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool, gradient_temperature: Tensor | None = None
+def soft_mask_from_inverse(
+    squared_scores: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None = None
 ) -> Tensor:
-    """m = sigmoid((s - t^2) / tau) from t^2 and temperature tensors (the channel masks' fast form of
-    `soft_mask`, surrogate gradient included); t^2 = -inf gives m = 1. Gradients flow through `squared_scores`."""
+    """m = sigmoid((s - t^2) / tau) (the channel masks' fast form of `soft_mask`), with the slope of the mask
+    at `gradient_inverse_tau` in the backward if given. Gradients flow through `squared_scores`."""
     shifted = squared_scores - threshold_squared
-    mask = torch.sigmoid(shifted / _tau(threshold_squared, temperature, relative))
-    if gradient_temperature is None:
+    mask = torch.sigmoid(shifted * inverse_tau)
+    if gradient_inverse_tau is None:
         return mask
-    slope = torch.sigmoid(shifted / _tau(threshold_squared, gradient_temperature, relative))
+    slope = torch.sigmoid(shifted * gradient_inverse_tau)
     return slope + (mask - slope).detach()
 
 
-def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool) -> Tensor:
-    return weight * torch.sigmoid((weight * weight - threshold_squared) / _tau(threshold_squared, temperature, relative))
+def _mask_of(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
+    return torch.sigmoid((weight * weight - threshold_squared) * inverse_tau)
+
+
+def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
+    return weight * _mask_of(weight, threshold_squared, inverse_tau)
+
+
+def _recovered_mask(weight: Tensor, output: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
+    """m from the output (m = out / w): no exp, and nothing kept but the output, which the layer keeps
+    for its own backward anyway. Where w = 0, m = sigmoid(-t^2 / tau)."""
+    return torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared * inverse_tau))
+
+
+def _local_gradient(weight: Tensor, mask: Tensor, slope: Tensor, slope_inverse_tau: Tensor, straight_through: bool) -> Tensor:
+    # d(w m)/dw = m + 2 w^2 s (1 - s) / tau, s the mask at the slope's temperature (s = m without a
+    # surrogate); s (1 - s) / tau is formed first: a saturated mask gives 0 however small tau is.
+    local = torch.addcmul(mask, slope * (1 - slope) * slope_inverse_tau, weight * weight, value=2)
+    return local + (1 - mask) if straight_through else local
 
 
 def _masked_weight_backward(
-    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool, straight_through: bool,
+    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, straight_through: bool
 ) -> Tensor:
-    # m is recovered from the output (m = out / w): no exp, and nothing kept beyond the output that the
-    # layer keeps for its own backward anyway. d(w m)/dw = m + 2 w^2 m (1 - m) / tau, with m (1 - m) / tau
-    # formed first, so that a saturated mask (m (1 - m) = 0) gives 0 however small tau is.
-    tau = _tau(threshold_squared, temperature, relative)
-    m = torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared / tau))
-    local = m + 2 * (weight * weight) * (m * (1 - m) / tau)
-    return grad * (local + (1 - m) if straight_through else local)
+    mask = _recovered_mask(weight, output, threshold_squared, inverse_tau)
+    return grad * _local_gradient(weight, mask, mask, inverse_tau, straight_through)
 
 
 def _masked_weight_backward_surrogate(
-    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, temperature: Tensor, gradient_temperature: Tensor,
-    relative: bool, straight_through: bool,
+    grad: Tensor, weight: Tensor, output: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor,
+    straight_through: bool,
 ) -> Tensor:
-    # The same with the slope s of the mask at the gradient temperature in place of m's own.
-    tau = _tau(threshold_squared, temperature, relative)
-    m = torch.where(weight != 0, output / weight, torch.sigmoid(-threshold_squared / tau))
-    squares = weight * weight
-    slope_tau = _tau(threshold_squared, gradient_temperature, relative)
-    slope = torch.sigmoid((squares - threshold_squared) / slope_tau)
-    local = m + 2 * squares * (slope * (1 - slope) / slope_tau)
-    return grad * (local + (1 - m) if straight_through else local)
+    mask = _recovered_mask(weight, output, threshold_squared, inverse_tau)
+    slope = _mask_of(weight, threshold_squared, gradient_inverse_tau)
+    return grad * _local_gradient(weight, mask, slope, gradient_inverse_tau, straight_through)
 
 
 def _masked_weight_expression(
-    weight: Tensor, threshold_squared: Tensor, temperature: Tensor, gradient_temperature: Tensor | None, relative: bool,
-    straight_through: bool,
+    weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None, straight_through: bool,
 ) -> Tensor:
     """The same values and gradients through autograd's own rules: what `torch.compile` traces and fuses."""
-    squares = weight * weight
-    mask = torch.sigmoid((squares - threshold_squared) / _tau(threshold_squared, temperature, relative))
-    if gradient_temperature is not None:  # the values of `mask`, the slope at the gradient temperature
-        slope = torch.sigmoid((squares - threshold_squared) / _tau(threshold_squared, gradient_temperature, relative))
+    mask = _mask_of(weight, threshold_squared, inverse_tau)
+    if gradient_inverse_tau is not None:  # the values of `mask`, the slope of the mask at the gradient temperature
+        slope = _mask_of(weight, threshold_squared, gradient_inverse_tau)
         mask = slope + (mask - slope).detach()
     output = weight * mask
     if straight_through:  # value w m; gradient as if the pruned part (1 - m) were kept too
@@ -216,52 +228,66 @@ def _masked_weight_expression(
     return output
 
 
+KEEP_OUTPUT_FROM = 1 << 18
+"""Tensors of at least this many elements keep only their output for the backward and recover m from
+it; smaller ones keep m itself (one more small tensor, and fewer operations in the backward)."""
+
+
 class _MaskedWeight(torch.autograd.Function):
     """w * sigmoid((w^2 - t^2) / tau) with its gradient, in one pass each way."""
 
     @staticmethod
     def forward(
-        ctx, weight: Tensor, threshold_squared: Tensor, temperature: Tensor, gradient_temperature: Tensor | None,
-        relative: bool, straight_through: bool, compiled: bool,
+        ctx, weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None,
+        straight_through: bool, compiled: bool,
     ) -> Tensor:
-        output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, temperature, relative)
-        ctx.save_for_backward(weight, output, threshold_squared, temperature, gradient_temperature)
-        ctx.settings = (relative, straight_through, compiled)
+        keep_output = compiled or weight.numel() >= KEEP_OUTPUT_FROM
+        if keep_output:
+            output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, inverse_tau)
+            saved = output
+        else:
+            saved = _mask_of(weight, threshold_squared, inverse_tau)
+            output = weight * saved
+        ctx.save_for_backward(weight, saved, threshold_squared, inverse_tau, gradient_inverse_tau)
+        ctx.settings = (straight_through, compiled, keep_output)
         return output
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        weight, output, threshold_squared, temperature, gradient_temperature = ctx.saved_tensors
-        relative, straight_through, compiled = ctx.settings
+        weight, saved, threshold_squared, inverse_tau, gradient_inverse_tau = ctx.saved_tensors
+        straight_through, compiled, keep_output = ctx.settings
         grad = grad.contiguous()
-        if gradient_temperature is None:
+        if keep_output and gradient_inverse_tau is None:
             kernel = _BACKWARD if compiled else _masked_weight_backward
-            gradient = kernel(grad, weight, output, threshold_squared, temperature, relative, straight_through)
-        else:
+            gradient = kernel(grad, weight, saved, threshold_squared, inverse_tau, straight_through)
+        elif keep_output:
             kernel = _BACKWARD_SURROGATE if compiled else _masked_weight_backward_surrogate
-            gradient = kernel(grad, weight, output, threshold_squared, temperature, gradient_temperature, relative, straight_through)
-        return gradient, None, None, None, None, None, None
+            gradient = kernel(grad, weight, saved, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
+        else:
+            slope, slope_inverse_tau = (saved, inverse_tau) if gradient_inverse_tau is None else (
+                _mask_of(weight, threshold_squared, gradient_inverse_tau), gradient_inverse_tau)
+            gradient = grad * _local_gradient(weight, saved, slope, slope_inverse_tau, straight_through)
+        return gradient, None, None, None, None, None
 
 
 def masked_weight(
-    weight: Tensor, threshold_squared: Tensor, temperature: Tensor, relative: bool, *,
-    gradient_temperature: Tensor | None = None, straight_through: bool = False, compiled: bool = False,
+    weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, *, gradient_inverse_tau: Tensor | None = None,
+    straight_through: bool = False, compiled: bool = False,
 ) -> Tensor:
     """PDP's w * m(w) with m = sigmoid((w^2 - t^2) / tau): the values of `soft_mask` with `temperature_for`.
 
     Every argument that changes during training is a tensor, so that nothing here reads a value back to
     the host or branches on one, and `torch.compile` compiles it once for the whole run. In eager mode
-    one fused function keeps only the output (which the layer keeps anyway) for the backward; under
-    `torch.compile` the plain expression is traced and fused into the layer.
+    one fused function keeps little for the backward (`KEEP_OUTPUT_FROM`); under `torch.compile` the
+    plain expression is traced and fused into the layer.
 
     Args:
         weight: any shape.
         threshold_squared: t^2, broadcastable against `weight` (0-dim, or one per group with a size-1
             dimension); -inf keeps every weight (m = 1), +inf prunes every weight (m = 0).
-        temperature: 0-dim tensor: tau / t^2 if `relative`, else tau.
-        relative: whether `temperature` is relative to t^2.
-        gradient_temperature: 0-dim tensor or None: the backward uses the slope of the mask at this
-            temperature (`soft_mask`'s surrogate gradient); the values stay those of `temperature`.
+        inverse_tau: 1 / tau (`inverse_temperature`), broadcastable likewise.
+        gradient_inverse_tau: if given, the backward uses the slope of the mask at this 1 / tau
+            (`soft_mask`'s surrogate gradient); the values stay those of `inverse_tau`.
         straight_through: each weight also gets (1 - m) times the gradient of its masked value, so a
             pruned weight learns as if kept (SR-STE's estimator, Zhou et al. 2021; not in the PDP paper).
         compiled: run the two elementwise passes as `torch.compile` kernels (worth it on large tensors).
@@ -269,8 +295,8 @@ def masked_weight(
         w * m(w), the shape of `weight`.
     """
     if torch.compiler.is_compiling():
-        return _masked_weight_expression(weight, threshold_squared, temperature, gradient_temperature, relative, straight_through)
-    return _MaskedWeight.apply(weight, threshold_squared, temperature, gradient_temperature, relative, straight_through, compiled)
+        return _masked_weight_expression(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
+    return _MaskedWeight.apply(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, compiled)
 
 
 def group_threshold_squares(groups: Tensor, pruned: int, dim: int, compiled: bool = False) -> Tensor:

@@ -30,7 +30,8 @@ from pdprune.masks import (
     order_statistics,
     pruned_count,
     soft_mask,
-    soft_mask_from_squares,
+    inverse_temperature,
+    soft_mask_from_inverse,
     temperature_for,
 )
 
@@ -51,7 +52,8 @@ class MaskState(nn.Module):
 
     The current sparsity lives in a buffer, so `model.state_dict()` (tensors only: safetensors and
     Hugging Face checkpoints take it) restores it; a Python float mirrors it, so that the schedule never
-    waits for a GPU. t^2 and the temperatures live in buffers that the forward pass reads.
+    waits for a GPU. t^2, the temperatures and, for a unit with one threshold, the mask's coefficients
+    (`mask_coefficients`: tau folded in) live in buffers that the forward pass reads.
 
     Args:
         threshold_shape: the shape of t^2: () for one threshold, one per group otherwise.
@@ -63,15 +65,23 @@ class MaskState(nn.Module):
 
     def __init__(self, threshold_shape: tuple[int, ...], like: Tensor, temperature: float, relative_temperature: bool, soft_gradient: bool = False) -> None:
         super().__init__()
+
+        def scalar(value: float, wanted: bool = True) -> Tensor | None:
+            return torch.tensor(value, dtype=like.dtype, device=like.device) if wanted else None
+
+        self._scalar = threshold_shape == ()
         self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64, device=like.device))
         self.register_buffer("threshold_squared", torch.full(threshold_shape, -math.inf, dtype=like.dtype, device=like.device), persistent=False)
-        self.register_buffer("temperature_value", torch.tensor(float(temperature), dtype=like.dtype, device=like.device), persistent=False)
-        slope = torch.tensor(float(temperature), dtype=like.dtype, device=like.device) if soft_gradient else None
-        self.register_buffer("gradient_temperature_value", slope, persistent=False)
+        self.register_buffer("temperature_value", scalar(temperature), persistent=False)
+        self.register_buffer("gradient_temperature_value", scalar(temperature, soft_gradient), persistent=False)
+        # 1 / tau of the mask (and of the backward's slope), folded in once per refresh where t^2 is one number
+        self.register_buffer("inverse_tau", scalar(1.0, self._scalar), persistent=False)
+        self.register_buffer("slope_inverse_tau", scalar(1.0, self._scalar and soft_gradient), persistent=False)
         self._sparsity = 0.0
         self.temperature = self._gradient_temperature = float(temperature)
         self.relative_temperature = relative_temperature
         self._key: object = None  # (versions of the weights, pruned count) the thresholds hold; None: recompute
+        self.coefficients_stale = False
 
     @property
     def sparsity(self) -> float:
@@ -93,11 +103,33 @@ class MaskState(nn.Module):
         if temperature != self.temperature:
             self.temperature = float(temperature)
             self.temperature_value.fill_(self.temperature)
+            self.coefficients_stale = True
         if self.gradient_temperature_value is not None:
             slope = self.temperature if gradient_temperature is None else float(gradient_temperature)
             if slope != self._gradient_temperature:
                 self._gradient_temperature = slope
                 self.gradient_temperature_value.fill_(slope)
+                self.coefficients_stale = True
+
+    def update_coefficients(self) -> None:
+        """Fold the temperatures and t^2 into the `inverse_tau` buffers (units with one threshold)."""
+        if self._scalar:
+            with torch.no_grad():
+                self.inverse_tau.copy_(inverse_temperature(self.threshold_squared, self.temperature, self.relative_temperature))
+                if self.slope_inverse_tau is not None:
+                    self.slope_inverse_tau.copy_(inverse_temperature(self.threshold_squared, self._gradient_temperature, self.relative_temperature))
+        self.coefficients_stale = False
+
+    def coefficients(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """t^2, 1 / tau of the mask now, and 1 / tau of the backward's slope with a soft gradient (else None)."""
+        if self._scalar:
+            if self.coefficients_stale and not _is_compiling():
+                self.update_coefficients()
+            return self.threshold_squared, self.inverse_tau, self.slope_inverse_tau
+        inverse_tau = inverse_temperature(self.threshold_squared, self.temperature_value, self.relative_temperature)
+        if self.gradient_temperature_value is None:
+            return self.threshold_squared, inverse_tau, None
+        return self.threshold_squared, inverse_tau, inverse_temperature(self.threshold_squared, self.gradient_temperature_value, self.relative_temperature)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         self.current_sparsity.fill_(self._sparsity)  # written when saved, not at every step
@@ -107,6 +139,7 @@ class MaskState(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sparsity = float(self.current_sparsity)
         self._key = None
+        self.coefficients_stale = True
 
     def _mask_rows(self, squared_scores: Tensor, pruned: int) -> Tensor:
         """The straightforward soft mask along the last dimension, with `pruned` of each row below t
@@ -162,9 +195,10 @@ class SoftMask(MaskState):
         return self._key != self._key_of(weight)
 
     def refresh(self, weight: Tensor) -> None:
-        """Recompute t^2 from `weight` at the current sparsity (after an optimizer step)."""
+        """Recompute t^2 (and the coefficients) from `weight` at the current sparsity (after an optimizer step)."""
         with torch.no_grad():
             self.threshold_squared.copy_(self.threshold_squares(weight.detach()))
+        self.update_coefficients()
         self.mark_fresh(weight)
 
     def mark_fresh(self, weight: Tensor) -> None:
@@ -217,23 +251,31 @@ class UnstructuredMask(SoftMask):
         self._band_width = 4e-3
 
     def _masked(self, weight: Tensor) -> Tensor:
+        threshold_squared, inverse_tau, slope_inverse_tau = self.coefficients()
         flat = weight.reshape(-1)  # (numel,): one rank for every layer, one compiled kernel for all
         return masked_weight(
-            flat, self.threshold_squared, self.temperature_value, self.relative_temperature,
-            gradient_temperature=self.gradient_temperature_value, straight_through=self.straight_through,
-            compiled=self._compiled(weight),
+            flat, threshold_squared, inverse_tau, gradient_inverse_tau=slope_inverse_tau,
+            straight_through=self.straight_through, compiled=self._compiled(weight),
         ).view_as(weight)
 
     def pruned_of(self, weight: Tensor) -> int:
         return pruned_count(self.sparsity, weight.numel())
 
     def threshold_squares(self, weight: Tensor) -> Tensor:
+        selected = self.selection(weight)
+        if isinstance(selected, float):
+            return torch.full((), selected, dtype=weight.dtype, device=weight.device)
+        return midpoint(*selected).square()
+
+    def selection(self, weight: Tensor) -> tuple[Tensor, Tensor] | float:
+        """The largest pruned and the smallest kept squared weight at the current sparsity (0-dim each),
+        or t^2 itself when nothing (-inf) or everything (+inf) is pruned."""
         pruned = self.pruned_of(weight)
         if pruned == 0:
-            return torch.full((), -math.inf, dtype=weight.dtype, device=weight.device)
+            return -math.inf
         if pruned >= weight.numel():
-            return torch.full((), math.inf, dtype=weight.dtype, device=weight.device)
-        return midpoint(*self._order_statistics(weight, pruned)).square()
+            return math.inf
+        return self._order_statistics(weight, pruned)
 
     def _order_statistics(self, weight: Tensor, pruned: int) -> tuple[Tensor, Tensor]:
         """The largest pruned and the smallest kept squared weight: from a band around the last threshold
@@ -285,11 +327,11 @@ class NMMask(SoftMask):
         return f"{self.n}:{self.m}"
 
     def _masked(self, weight: Tensor) -> Tensor:
+        threshold_squared, inverse_tau, slope_inverse_tau = self.coefficients()  # (groups, 1, positions) each
         groups = group_along_inputs(weight, self.m, self.input_dim)  # (groups, m, positions), a view
         masked = masked_weight(
-            groups, self.threshold_squared, self.temperature_value, self.relative_temperature,
-            gradient_temperature=self.gradient_temperature_value, straight_through=self.straight_through,
-            compiled=self._compiled(weight),
+            groups, threshold_squared, inverse_tau, gradient_inverse_tau=slope_inverse_tau,
+            straight_through=self.straight_through, compiled=self._compiled(weight),
         )
         return masked.reshape(weight.shape)
 
@@ -412,15 +454,14 @@ class ChannelGroup(MaskState):
             else:
                 scores = self.squared_scores().reshape(1, -1)  # (1, size)
                 self.threshold_squared.copy_(midpoint(*order_statistics(scores, pruned)).square().reshape(()))
+        self.update_coefficients()
         self._key = self._versions()
 
     def mask(self) -> Tensor:
         """(size,) the soft mask the network computes with now (with gradient through the scores)."""
         if not _is_compiling() and self.is_stale():
             self.refresh()
-        return soft_mask_from_squares(
-            self.squared_scores(), self.threshold_squared, self.temperature_value, self.relative_temperature, self.gradient_temperature_value
-        )
+        return soft_mask_from_inverse(self.squared_scores(), *self.coefficients())
 
     def pruned(self, sparsity: float) -> int:
         """Channels pruned at `sparsity`; at least one channel always stays."""

@@ -24,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from pdprune._version import __version__
 from pdprune.attach import attach, check_finite
 from pdprune.config import PruningConfig
-from pdprune.masks import batched_order_statistics, midpoint
+from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
 from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask, SoftMask, UnstructuredMask
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
 from pdprune.schedule import Schedule, global_budgets, lamp_budgets, uniform_budgets
@@ -135,10 +135,13 @@ class PDPPruner:
 
     def _refresh(self, force: bool, parameters: set[int] | None = None) -> None:
         """Refresh the masks of `parameters` (ids; all if None): all of them if `force`, else the stale
-        ones. On a GPU, all unstructured thresholds come from one sort, with no host synchronization."""
+        ones. The arithmetic after the selections runs once for all tensors together; on a GPU the
+        selections too (one sort, no host synchronization)."""
         if self.finalized:
             return
-        batch: list[tuple[UnstructuredMask, Tensor, int]] = []
+        pairs: list[tuple[UnstructuredMask, Tensor, Tensor]] = []  # (mask, largest pruned, smallest kept)
+        on_gpu: list[tuple[UnstructuredMask, Tensor, int]] = []
+        fresh: list[tuple[SoftMask, Tensor]] = []
         for mask, chain in self._masks:
             original = chain.original
             if parameters is not None and id(original) not in parameters:
@@ -147,19 +150,29 @@ class PDPPruner:
                 continue  # sharded (FSDP2): the forward pass sees the gathered weight and refreshes there
             if not force and not mask.is_stale(original):
                 continue
-            if isinstance(mask, UnstructuredMask) and original.is_cuda and original.dtype != torch.float64:
-                pruned = mask.pruned_of(original)
-                if 0 < pruned < original.numel():
-                    batch.append((mask, original, pruned))
-                    continue
-            mask.refresh(original)
-        if batch:
-            with torch.no_grad():
-                largest_pruned, smallest_kept = batched_order_statistics([w.square() for _, w, _ in batch], [p for _, _, p in batch])
-                thresholds = midpoint(largest_pruned, smallest_kept).square()  # (T,)
-                torch._foreach_copy_([mask.threshold_squared for mask, _, _ in batch], list(thresholds.to(batch[0][1].dtype).unbind()))
-            for mask, original, _ in batch:
-                mask.mark_fresh(original)
+            if not isinstance(mask, UnstructuredMask):
+                mask.refresh(original)
+                continue
+            fresh.append((mask, original))
+            pruned = mask.pruned_of(original)
+            if original.is_cuda and original.dtype != torch.float64 and 0 < pruned < original.numel():
+                on_gpu.append((mask, original, pruned))
+                continue
+            selected = mask.selection(original.detach())
+            if isinstance(selected, float):
+                mask.threshold_squared.fill_(selected)
+            else:
+                pairs.append((mask, *selected))
+        with torch.no_grad():
+            if on_gpu:
+                largest_pruned, smallest_kept = batched_order_statistics([w.square() for _, w, _ in on_gpu], [p for _, _, p in on_gpu])
+                _write([mask.threshold_squared for mask, _, _ in on_gpu], midpoint(largest_pruned, smallest_kept).square())
+            if pairs:
+                largest_pruned, smallest_kept = torch.stack([a for _, a, _ in pairs]), torch.stack([b for _, _, b in pairs])  # (T,) each
+                _write([mask.threshold_squared for mask, _, _ in pairs], midpoint(largest_pruned, smallest_kept).square())
+        for mask, original in fresh:
+            mask.coefficients_stale = True
+            mask.mark_fresh(original)
         for unit in self.units.values():
             if not isinstance(unit, ChannelGroup):
                 continue
@@ -167,6 +180,21 @@ class PDPPruner:
                 continue
             if force or unit.is_stale():
                 unit.refresh()
+        self._update_coefficients()
+
+    def _update_coefficients(self) -> None:
+        """Fold the temperature and t^2 into 1 / tau for every unit whose either changed, all at once."""
+        stale = [unit for unit in self.units.values() if unit.coefficients_stale and unit.inverse_tau is not None]
+        if not stale:
+            return
+        relative = self.config.temperature_mode == "relative"
+        with torch.no_grad():
+            thresholds = torch.stack([unit.threshold_squared for unit in stale])  # (T,)
+            _write([unit.inverse_tau for unit in stale], inverse_temperature(thresholds, stale[0].temperature, relative))
+            if stale[0].slope_inverse_tau is not None:
+                _write([unit.slope_inverse_tau for unit in stale], inverse_temperature(thresholds, stale[0]._gradient_temperature, relative))
+        for unit in stale:
+            unit.coefficients_stale = False
 
     def _allocate(self) -> dict[str, float]:
         """Per-unit budgets: fixed for N:M, `sparsity` for channel groups, global or uniform for the rest."""
@@ -413,6 +441,11 @@ class PDPPruner:
                 f"{action} after finalize()/detach(): the masks are gone from the model. "
                 "Create a new PDPPruner to prune again"
             )
+
+
+def _write(buffers: list[Tensor], values: Tensor) -> None:
+    """buffers[i] <- values[i] for 0-dim buffers of one dtype and device, in one operation."""
+    torch._foreach_copy_(buffers, list(values.to(buffers[0].dtype).unbind()))
 
 
 def _plain(value: Any) -> Any:
