@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pdprune"
 
 # A module may import pdprune modules of a strictly lower rank (or its own subpackage).
 RANKS = {
-    "_version": 0, "masks": 0, "schedule": 0, "layers": 0, "data": 0, "models": 0,
-    "checkpoint": 1, "config": 1, "parametrizations": 1,
-    "report": 2, "structure": 2, "attach": 3, "pruner": 4,
-    "semi_structured": 1, "train": 5, "baselines": 6, "experiments": 7, "export": 7,
+    "_version": 0, "masks": 0, "schedule": 0, "layers": 0, "model_io": 0, "units": 0, "data": 0, "models": 0,
+    "checkpoint": 1, "config": 1, "parametrizations": 1, "layer_surgery": 1,
+    "report": 2, "attention": 2, "structure": 3, "attach": 4, "pruner": 5,
+    "semi_structured": 1, "train": 6, "baselines": 7, "experiments": 8, "export": 8,
     "cli": 9, "integrations": 9,
 }
 NEVER_IMPORTED = {"cli", "integrations"}

@@ -18,8 +18,9 @@ from torch.nn.utils import parametrize
 
 from pdprune.config import PruningConfig, parse_structure
 from pdprune.layers import LayerType, layer_type_of, layer_types
-from pdprune.parametrizations import ChannelGroup, ChannelMask, MaskState, NMMask, Slices, SoftMask, UnstructuredMask
-from pdprune.structure import find_channel_groups
+from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
+from pdprune.structure import find_structured_units
+from pdprune.units import UnitSpec
 
 __all__ = ["Attached", "attach", "check_finite"]
 
@@ -45,6 +46,8 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     selected, skipped = _select_modules(model, config)
     check_finite({f"{name}.weight": module.weight for name, module in selected.items()})
     units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
+    if not units:
+        raise ValueError(f"nothing left to prune: {'; '.join(f'{name}: {why}' for name, why in incompatible.items())}")
     tensors = _register(registrations)
     group_members: dict[str, dict[str, Tensor]] = {}
     for tensor, _, _, mask in registrations:
@@ -160,8 +163,9 @@ def _build_units(
             continue  # tied to a weight masked already: one mask serves every module that shares it
         if structure == "channel":
             if len(ties.get(id(weight), ())) > 1:
-                raise ValueError(f"{name!r} shares its weight with {[n for n, _ in ties[id(weight)] if n != name]}; "
-                                 "tied weights cannot be channel-pruned: exclude them or use an unstructured or N:M structure")
+                skipped[f"{name}.weight"] = (f"{name!r} shares its weight with {[n for n, _ in ties[id(weight)] if n != name]}; tied weights "
+                                             "cannot be channel-pruned: give them an unstructured or N:M structure (layer_structures)")
+                continue
             channel_modules.add(name)
             continue
         tensor_name = f"{name}.weight"
@@ -183,53 +187,46 @@ def _build_units(
         for holder_name, holder in ties.get(id(weight), [(name, module)]):
             registrations.append((f"{holder_name}.weight", holder, "weight", mask))
     if skipped:
-        warnings.warn(f"left dense, cannot hold their N:M pattern: {sorted(skipped)}", stacklevel=4)
+        warnings.warn(f"left dense: {sorted(skipped)} (pruner.report() says why)", stacklevel=4)
     if channel_modules:
         if example_inputs is None:
             raise ValueError(
-                "structure 'channel' needs example_inputs=... (a batch the model accepts) to trace which channels "
-                "are coupled: PDPPruner(model, config, example_inputs=torch.randn(1, 3, 32, 32))"
+                "structure 'channel' needs example_inputs=... (a batch the model accepts: a tensor, a tuple, or a dict of "
+                "keyword tensors) to trace which channels and heads are coupled: "
+                "PDPPruner(model, config, example_inputs=torch.randn(1, 3, 32, 32))"
             )
-        specs, dense_groups = find_channel_groups(model, example_inputs, channel_modules)
+        specs, dense_groups = find_structured_units(model, example_inputs, channel_modules)
         if dense_groups:
             warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=4)
-            skipped |= {f"channel group {name}": why for name, why in dense_groups.items()}
+            skipped |= {name if name.endswith(" heads") else f"channel group {name}": why for name, why in dense_groups.items()}
         for spec in specs:
-            group, gated = _channel_group(model, spec, config, relative, known)
+            group, gated = _structured_unit(model, spec, config, relative)
             units[spec.name] = group
             registrations += gated
     return units, registrations, skipped
 
 
-def _channel_group(model: nn.Module, spec, config: PruningConfig, relative: bool, known) -> tuple[ChannelGroup, list[Registration]]:
-    """The unit of one channel group, and the gating parametrization of every member tensor."""
+def _structured_unit(model: nn.Module, spec: UnitSpec, config: PruningConfig, relative: bool) -> tuple[ChannelGroup, list[Registration]]:
+    """The unit of one channel (or head) group, and the gating parametrization of each of its gated tensors."""
 
-    def output_dim(module: nn.Module) -> int:
-        layer_type = layer_type_of(module, known)
-        return 0 if layer_type is None else layer_type.output_dim
-
-    def positions(module: nn.Module, channels: list[int]) -> Tensor:
+    def bind(piece) -> BoundSlice:
+        module = model.get_submodule(piece.module)
         device = next(module.parameters()).device
-        return torch.tensor(channels, dtype=torch.long, device=device).unsqueeze(1)  # (size, 1)
+        return BoundSlice(module, piece.tensor_name, piece.dim, torch.tensor(piece.positions, dtype=torch.long, device=device))  # (units, k)
 
-    scoring = [Slices(model.get_submodule(p), "weight", output_dim(model.get_submodule(p)), positions(model.get_submodule(p), spec.members[p]))
-               for p in spec.producers]
-    like = model.get_submodule(spec.producers[0]).weight
-    group = ChannelGroup(spec.name, spec.size, scoring, like, config.temperature, relative, soft_gradient=config.schedule.anneal_soft_gradient)
+    slices = {role: [bind(piece) for piece in getattr(spec, role)] for role in ChannelGroup.ROLES}
+    like = slices["scoring"][0].tensor()
+    group = ChannelGroup(spec.name, spec.size, slices, like, config.temperature, relative, kind=spec.kind,
+                         soft_gradient=config.schedule.anneal_soft_gradient)
     gated: list[Registration] = []
-    for member, channels in spec.members.items():
-        module = model.get_submodule(member)
-        for tensor_name in ("weight", "bias"):
-            tensor = getattr(module, tensor_name, None)
-            if tensor is None:
-                continue
-            if parametrize.is_parametrized(module, tensor_name):
-                raise ValueError(
-                    f"{member}.{tensor_name} already carries a parametrization; channel pruning gates it. Remove it first "
-                    f"or exclude the group's layers: exclude=({spec.name!r},)"
-                )
-            dim = output_dim(module) if tensor_name == "weight" else 0
-            gated.append((f"{member}.{tensor_name}", module, tensor_name, ChannelMask(group, dim, positions(module, channels))))
+    for piece, bound in zip(spec.gated, slices["gated"]):
+        module = bound.module
+        if parametrize.is_parametrized(module, piece.tensor_name):
+            raise ValueError(
+                f"{piece.module}.{piece.tensor_name} already carries a parametrization; channel pruning gates it. Remove it "
+                f"first or exclude the group's layers: exclude=({spec.scoring[0].module!r},)"
+            )
+        gated.append((f"{piece.module}.{piece.tensor_name}", module, piece.tensor_name, ChannelMask(group, piece.dim, bound.positions)))
     return group, gated
 
 

@@ -40,7 +40,7 @@ COMPILE_FROM = 1 << 18
 BAND_FROM = 1 << 16
 """On a CPU, tensors of at least this many elements find their threshold in a band around the last one."""
 
-__all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask", "Slices", "scale_units"]
+__all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask", "BoundSlice", "scale_units"]
 
 
 def _is_compiling() -> bool:
@@ -359,9 +359,9 @@ class NMMask(SoftMask):
         return f"{self.n}:{self.m}, " + super().extra_repr()
 
 
-class Slices:
-    """Where a unit's channels lie in one tensor: along `dim`, unit i owns the entries `positions[i]`
-    ((units, k): one channel of a conv is k=1 filter; one attention head is k=head_dim rows)."""
+class BoundSlice:
+    """A `pdprune.units.Slice` bound to the model: along `dim` of `module.tensor_name`, unit i owns the
+    entries `positions[i]` ((units, k): a conv channel is k=1 filter; an attention head k=head_dim rows)."""
 
     def __init__(self, module: nn.Module, tensor_name: str, dim: int, positions: Tensor) -> None:
         self.module, self.tensor_name, self.dim, self.positions = module, tensor_name, dim, positions
@@ -376,7 +376,6 @@ class Slices:
         """(units,) the squared L2 norm of each unit's entries of `tensor`."""
         entries = tensor.square().movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)  # (entries,)
         return entries[self.positions].sum(dim=1)  # (units,)
-
 
 
 def scale_units(tensor: Tensor, dim: int, positions: Tensor, unit_values: Tensor) -> Tensor:
@@ -398,49 +397,51 @@ class ChannelGroup(MaskState):
 
     Args:
         scoring: the slices whose norms score the channels (with gradient through them).
+        gated: the slices the soft mask scales during training (each has its `ChannelMask`).
         cleared: slices of tensors not gated during training that `finalize()` zeroes for pruned
             channels too (e.g. a head's query and key rows: gating its values alone is what removing it does).
+        kind: what a unit is, for reports: "channel" or "head".
     """
 
     structure = "channel"
+    ROLES = ("scoring", "gated", "cleared")
 
     def __init__(
-        self, name: str, size: int, scoring: list[Slices], like: Tensor, temperature: float, relative_temperature: bool,
-        cleared: list[Slices] | None = None, kind: str = "channel", soft_gradient: bool = False,
+        self, name: str, size: int, slices: dict[str, list[BoundSlice]], like: Tensor, temperature: float,
+        relative_temperature: bool, kind: str = "channel", soft_gradient: bool = False,
     ) -> None:
         super().__init__((), like, temperature, relative_temperature, soft_gradient)
         self.name, self.size, self.kind = name, size, kind
-        self._scoring = tuple(scoring)  # not modules: the tensors belong to the model
-        self._cleared = tuple(cleared or ())
-        for position, slices in enumerate(self._scoring + self._cleared):
-            self.register_buffer(f"positions_{position}", slices.positions, persistent=False)
+        self._slices = {role: [(s.module, s.tensor_name, s.dim) for s in slices.get(role, [])] for role in self.ROLES}  # not modules
+        for role in self.ROLES:
+            for position, piece in enumerate(slices.get(role, [])):
+                self.register_buffer(f"{role}_positions_{position}", piece.positions, persistent=False)
+
+    def slices(self, role: str) -> list[BoundSlice]:
+        """The group's slices of one role ("scoring", "gated", "cleared"), positions on the model's device."""
+        return [BoundSlice(module, tensor_name, dim, getattr(self, f"{role}_positions_{i}"))
+                for i, (module, tensor_name, dim) in enumerate(self._slices[role])]
 
     @property
     def producers(self) -> tuple[nn.Module, ...]:
         """The modules whose tensors score the channels."""
-        return tuple(dict.fromkeys(slices.module for slices in self._scoring))
-
-    @property
-    def scoring(self) -> tuple[Slices, ...]:
-        """The slices whose norms score the channels."""
-        return self._scoring
-
-    @property
-    def cleared(self) -> tuple[Slices, ...]:
-        """Slices of ungated tensors that `finalize()` zeroes for pruned channels."""
-        return self._cleared
-
-    def _slices(self) -> list[Slices]:
-        # positions follow the buffers (moved with the model by .to())
-        return [Slices(s.module, s.tensor_name, s.dim, getattr(self, f"positions_{i}")) for i, s in enumerate(self._scoring)]
+        return tuple(dict.fromkeys(module for module, _, _ in self._slices["scoring"]))
 
     def squared_scores(self) -> Tensor:
         """(size,) sum over scoring tensors of each channel's squared norm (with gradient)."""
-        scores = [slices.unit_norms(slices.tensor()) for slices in self._slices()]
+        scores = [piece.unit_norms(piece.tensor()) for piece in self.slices("scoring")]
         return torch.stack(scores).sum(dim=0)
 
+    def dead_units(self) -> int:
+        """Units at exactly zero in every tensor of the group (as the model computes with it now)."""
+        alive = torch.zeros(self.size, dtype=torch.bool, device=self.threshold_squared.device)
+        for role in self.ROLES:
+            for piece in self.slices(role):
+                alive |= piece.unit_norms(getattr(piece.module, piece.tensor_name).detach()) != 0
+        return int((~alive).sum())
+
     def _versions(self) -> tuple:
-        return (*(_version_key(slices.tensor()) for slices in self._scoring), self.pruned(self.sparsity))
+        return (*(_version_key(piece.tensor()) for piece in self.slices("scoring")), self.pruned(self.sparsity))
 
     def is_stale(self) -> bool:
         return self._key != self._versions()

@@ -81,7 +81,7 @@ class PDPPruner:
         attached = attach(model, self.config, example_inputs)
         self.units, self.skipped = attached.units, attached.skipped
         self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
-        self._group_members = attached.group_members  # group -> member tensor -> its channel per root channel
+        self._group_members = attached.group_members  # group -> its gated tensors
         self._masks = [(unit, self._tensors[name][0].parametrizations[self._tensors[name][1]]) for name, unit in self.units.items()
                        if isinstance(unit, SoftMask)]  # (mask, its ParametrizationList): what refresh() visits
         self._optimizer_steps_seen = _OPTIMIZER_STEPS
@@ -176,7 +176,7 @@ class PDPPruner:
         for unit in self.units.values():
             if not isinstance(unit, ChannelGroup):
                 continue
-            if parameters is not None and not any(id(slices.tensor()) in parameters for slices in unit.scoring):
+            if parameters is not None and not any(id(piece.tensor()) in parameters for piece in unit.slices("scoring")):
                 continue
             if force or unit.is_stale():
                 unit.refresh()
@@ -241,10 +241,15 @@ class PDPPruner:
                 "on every rank and load the result into the plain architecture"
             )
         baked = self._baked()
+        cleared = self._cleared(baked)
         for name, (module, tensor_name) in self._tensors.items():
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
             with torch.no_grad():
                 getattr(module, tensor_name).copy_(baked[name])
+        with torch.no_grad():
+            for name, value in cleared.items():
+                module_name, _, tensor_name = name.rpartition(".")
+                getattr(self.model.get_submodule(module_name), tensor_name).copy_(value)
         self.finalized = True
         _ATTACHED.discard(self)
         return self.model
@@ -254,6 +259,7 @@ class PDPPruner:
         without touching the model: training can go on. Under FSDP2 every rank must call it."""
         self._check_attached("finalized_state_dict()")
         baked = self._baked()
+        cleared = self._cleared(baked)
         holders = {f"{prefix}{'.' if prefix else ''}parametrizations.{tensor_name}.original": name
                    for name, (module, tensor_name) in self._tensors.items()
                    for prefix in [name[: -len(tensor_name) - 1] if name.endswith("." + tensor_name) else ""]}
@@ -261,9 +267,26 @@ class PDPPruner:
         for key, value in self.model.state_dict().items():
             if key in holders:
                 state[holders[key]] = baked[holders[key]]
+            elif key in cleared:
+                state[key] = cleared[key]
             elif ".parametrizations." not in key and not key.startswith("parametrizations."):
                 state[key] = (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
         return state
+
+    def _cleared(self, baked: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensor name -> its value with every group's pruned units zeroed where the group clears it (a
+        pruned head's query and key rows and output columns), on top of its `_baked` value if it has one."""
+        values: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, unit in self.units.items():
+                if not isinstance(unit, ChannelGroup):
+                    continue
+                dropped = ~unit.keep_mask(self.budgets[name])  # (size,)
+                for piece in unit.slices("cleared"):
+                    key = f"{self._name_of(piece.module)}.{piece.tensor_name}"
+                    tensor = values.get(key, baked.get(key, getattr(piece.module, piece.tensor_name).detach()))
+                    values[key] = tensor.index_fill(piece.dim, piece.positions[dropped].reshape(-1), 0)
+        return values
 
     def _baked(self) -> dict[str, Tensor]:
         """Tensor name -> its finalized value (whole tensors), computed from the current weights."""
@@ -323,12 +346,13 @@ class PDPPruner:
         for name, unit in self.units.items():
             current = None if self.finalized else unit.sparsity
             if isinstance(unit, ChannelGroup):
-                groups.append(GroupSparsity(name, unit.size, self._dead_channels(unit), tuple(sorted(self._group_members[name])),
-                                            unit.pruned(budgets[name]) / unit.size, None if current is None else unit.pruned(current) / unit.size))
-                for slices in unit.scoring:
-                    entries = slices.tensor().shape[slices.dim]
-                    per_unit = slices.positions.shape[1]
-                    entry = channel_targets.setdefault(f"{self._name_of(slices.module)}.{slices.tensor_name}", [0.0, 0.0])
+                groups.append(GroupSparsity(name, unit.size, unit.dead_units(), tuple(sorted(self._group_members[name])),
+                                            unit.pruned(budgets[name]) / unit.size, None if current is None else unit.pruned(current) / unit.size,
+                                            unit.kind))
+                for piece in unit.slices("scoring"):
+                    entries = piece.tensor().shape[piece.dim]
+                    per_unit = piece.positions.shape[1]
+                    entry = channel_targets.setdefault(f"{self._name_of(piece.module)}.{piece.tensor_name}", [0.0, 0.0])
                     entry[0] += unit.pruned(budgets[name]) * per_unit / entries
                     entry[1] += unit.pruned(unit.sparsity) * per_unit / entries
                 continue
@@ -425,15 +449,6 @@ class PDPPruner:
 
     def _name_of(self, module: nn.Module) -> str:
         return next(name for name, candidate in self.model.named_modules() if candidate is module)
-
-    def _dead_channels(self, group: ChannelGroup) -> int:
-        """Root channels at exactly zero in every member tensor."""
-        alive = torch.zeros(group.size, dtype=torch.bool)
-        for name, indices in self._group_members[group.name].items():
-            module, tensor_name = self._tensors[name]
-            tensor = getattr(module, tensor_name).detach()
-            alive |= tensor.reshape(tensor.shape[0], -1)[indices].ne(0).any(dim=1).cpu()
-        return int((~alive).sum())
 
     def _check_attached(self, action: str) -> None:
         if self.finalized:

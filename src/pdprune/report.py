@@ -29,7 +29,8 @@ class LayerSparsity:
 
 @dataclass(frozen=True)
 class GroupSparsity:
-    """One group of coupled channels: how many it has, how many are gone (all coupled tensors zero)."""
+    """One group of coupled channels (or attention heads): how many it has, how many are gone (zero in
+    every coupled tensor)."""
 
     name: str
     channels: int
@@ -37,6 +38,7 @@ class GroupSparsity:
     members: tuple[str, ...]
     target: float | None = None
     current: float | None = None
+    kind: str = "channel"
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,9 @@ class SparsityReport:
         rows.append(("total", "", f"{self.parameters:,}", percent(self.target), "", percent(self.sparsity)))
         lines = _markdown(rows)
         if self.groups:
-            group_rows = [("channel group", "channels", "target", "current", "pruned", "tensors")]
+            group_rows = [("channel or head group", "units", "target", "current", "pruned", "tensors")]
             for group in self.groups:
-                group_rows.append((group.name, str(group.channels), percent(group.target), percent(group.current),
+                group_rows.append((group.name, f"{group.channels} {group.kind}s", percent(group.target), percent(group.current),
                                    f"{group.pruned} ({percent(group.pruned / group.channels)})", str(len(group.members))))
             lines += [""] + _markdown(group_rows)
         if self.skipped:

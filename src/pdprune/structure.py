@@ -1,189 +1,313 @@
-"""Coupled channel groups from Torch-Pruning's dependency graph, and their physical removal.
+"""Structured pruning units and their physical removal: coupled channel groups from Torch-Pruning's
+dependency graph, attention heads from the attention modules we recognize.
 
 Torch-Pruning traces the model and says which output channels must go together (the convs feeding a
-residual add, a depthwise conv and its producer, ...). We trust a group only after checking it: the
-model with some of the group's channels zeroed must compute the same as the model with those channels
-removed by Torch-Pruning. Groups that fail (e.g. through zero-padded "option A" shortcuts, which it
-cannot map) are left dense and reported.
+residual add, a depthwise conv and its producer, a feed-forward layer's neurons and the layer that
+reads them, ...). Attention blocks are opaque to it here (its customized-layer mechanism): removing
+channels inside one must follow the heads, which `attention.py` finds. We trust a unit only after
+checking it: the model with some of its channels (heads) zeroed must compute the same as the model with
+them removed. Units that fail (a zero-padded "option A" shortcut, a position bias shared between
+layers) are left dense and reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from pdprune.attention import AttentionSpec, find_attention
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
+from pdprune.layer_surgery import layout_pruner, prune_entries, torch_pruning
+from pdprune.layers import layer_type_of, layer_types
+from pdprune.units import Slice, UnitSpec
+from pdprune.model_io import ExampleInputs, call_model, describe_inputs, first_tensor, inputs_from_description, same_outputs
 
-__all__ = ["ChannelGroupSpec", "find_channel_groups", "compact", "save_compacted", "load_compacted", "count_macs_and_parameters"]
+__all__ = [
+    "find_structured_units", "compact", "save_compacted", "load_compacted", "count_macs_and_parameters", "GRAPH_TIMEOUT_SECONDS",
+]
 
-PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-MEMBER_TYPES = PRODUCER_TYPES + (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-COMPACTED_FORMAT = "pdprune.compacted/1"
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+COMPACTED_FORMAT = "pdprune.compacted/2"
+GRAPH_TIMEOUT_SECONDS = 300.0
+"""Torch-Pruning's dependency graph gets this long per model part before it is given up (it can loop
+forever on some reshapes); the error names the part."""
 
 
-def _torch_pruning():
+# --- Torch-Pruning glue ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _time_bound(what: str, seconds: float = GRAPH_TIMEOUT_SECONDS) -> Iterator[None]:
+    """Raise TimeoutError naming `what` if the block runs longer than `seconds` (main thread, POSIX;
+    elsewhere unbounded)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def give_up(signum, frame):
+        raise TimeoutError(
+            f"Torch-Pruning's dependency graph did not finish within {seconds:g} s on {what}; the model is unchanged. "
+            f"Exclude that part from channel pruning (exclude=(...)) or prune it with an unstructured or N:M structure"
+        )
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        import torch_pruning
-    except ImportError as error:
-        raise ImportError(
-            "channel pruning, compaction and MAC counts use Torch-Pruning, a dependency of pdprune that is not "
-            "installed here: pip install torch-pruning"
-        ) from error
-    return torch_pruning
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
-@dataclass(frozen=True)
-class ChannelGroupSpec:
-    """One group of coupled output channels: root channel i is channel `indices[name][i]` of each member."""
+def _opaque_attention_pruner(specs: dict[int, AttentionSpec]):
+    """Torch-Pruning treats a recognized attention block as one layer (hidden in, hidden out): channels
+    inside it go by whole heads, which only `attention.py` knows. `specs`: id(module) -> its spec."""
+    tp = torch_pruning()
 
-    name: str
-    size: int
-    members: dict[str, list[int]]  # module name -> its channel for each root channel
-    producers: tuple[str, ...]  # the members whose Conv/Linear weight scores the channels
+    class AttentionBlockPruner(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+            raise NotImplementedError("the channels an attention block writes are pruned by head, not one by one")
+
+        def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+            raise NotImplementedError("the channels an attention block reads (the hidden size) are not pruned")
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return specs[id(layer)].output_size if id(layer) in specs else None
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return specs[id(layer)].input_size if id(layer) in specs else None
+
+    return AttentionBlockPruner()
 
 
-def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-
-
-def _dependency_graph(model: nn.Module, example_inputs: tuple[Tensor, ...]):
-    tp = _torch_pruning()
+def _dependency_graph(model: nn.Module, example_inputs: ExampleInputs, attention: list[AttentionSpec]):
+    tp = torch_pruning()
+    known = layer_types()
+    customized: dict[Any, Any] = {
+        layer_type.module_type: layout_pruner(layer_type)
+        for layer_type in known.values()
+        if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))
+    }
     was_training = model.training
     model.eval()  # tracing runs a forward pass: never update BatchNorm statistics
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=list(example_inputs), verbose=False)
+        with _time_bound("tracing the model"), _without_cache(model):
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, output_transform=lambda outputs: _graph_outputs(outputs),
+                customized_pruners=customized, verbose=False,
+            )
     finally:
         model.train(was_training)
     return graph
 
 
-def _output_modules(graph) -> list[nn.Module]:
-    """Modules whose outputs are the model's outputs: their channels are not ours to remove."""
-    return [module for module, node in graph.module2node.items() if not node.outputs]
+@contextlib.contextmanager
+def _without_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models append keys and values to a cache by concatenation, which Torch-Pruning
+    cannot map; the cache plays no part in which channels are coupled."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
-def _groups(model: nn.Module, graph) -> Iterable[tuple[nn.Module, Any, dict[str, dict[int, int]], bool]]:
-    """(root module, root pruning function, member name -> {root channel: member channel}, supported)."""
+def _graph_outputs(outputs: Any) -> list[torch.Tensor]:
+    from pdprune.model_io import tensor_leaves
+
+    return [leaf for leaf in tensor_leaves(outputs) if leaf.requires_grad]
+
+
+def _producers() -> tuple[type[nn.Module], ...]:
+    return tuple(layer_type.module_type for layer_type in layer_types().values() if layer_type.name != "Embedding")
+
+
+def _groups(model: nn.Module, graph, attention: list[AttentionSpec]) -> Iterable[tuple[nn.Module, Any, dict[str, dict[int, int]], bool]]:
+    """(root module, root pruning function, member name -> {root channel: member channel}, supported),
+    one per group of coupled output channels, each found within the time bound. Projections inside
+    attention are no roots: their channels go by heads (`attention.py`), and following them through
+    grouped-query attention's reshapes can send Torch-Pruning into an endless loop."""
     names = {module: name for name, module in model.named_modules()}
-    outputs = set(_output_modules(graph))
-    for group in graph.get_all_groups(ignored_layers=list(outputs), root_module_types=PRODUCER_TYPES):
-        root = group[0].dep.target.module
+    heads = {model.get_submodule(name) for spec in attention for name in (spec.query, spec.key, spec.value)}
+    outputs = {module for module, node in graph.module2node.items() if not node.outputs}
+    producers = _producers()
+    visited: set[nn.Module] = set()
+    for root in list(graph.module2node):
+        if not isinstance(root, producers) or root in outputs or root not in names or root in visited or root in heads:
+            continue
+        pruner = graph.get_pruner_of_module(root)
+        if pruner is None or pruner.get_out_channels(root) is None:
+            continue
+        handler = pruner.prune_out_channels
+        with _time_bound(f"the channels of {names[root]!r}"):
+            group = graph.get_pruning_group(root, handler, idxs=list(range(pruner.get_out_channels(root))))
         members: dict[str, dict[int, int]] = {}
         supported = True
         for item in group:
             module = item.dep.target.module
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(module)
             if not graph.is_out_channel_pruning_fn(item.dep.handler) or module not in names:
                 continue
             if not any(True for _ in module.parameters(recurse=False)):
                 continue
-            if not isinstance(module, MEMBER_TYPES) or module in outputs:
+            if not isinstance(module, producers + NORM_TYPES) or module in outputs:
                 supported = False
             members[names[module]] = {int(r): int(i) for r, i in zip(item.root_idxs, item.idxs)}
-        yield root, group[0].dep.handler, members, supported
+        yield root, handler, members, supported
 
 
-def _zero_channels(model: nn.Module, members: dict[str, dict[int, int]], root_channels: Iterable[int]) -> None:
+def _output_dim(module: nn.Module) -> int:
+    layer_type = layer_type_of(module)
+    return 0 if layer_type is None else layer_type.output_dim
+
+
+def _channel_spec(name: str, members: dict[str, dict[int, int]], root_name: str, producers: tuple[str, ...], model: nn.Module) -> UnitSpec:
+    roots = sorted(members[root_name])
+    scoring, gated = [], []
+    for member, mapping in members.items():
+        module = model.get_submodule(member)
+        positions = [[mapping[r]] for r in roots]
+        if member in producers:
+            scoring.append(Slice(member, "weight", _output_dim(module), positions))
+        gated.append(Slice(member, "weight", _output_dim(module), positions))
+        if getattr(module, "bias", None) is not None:
+            gated.append(Slice(member, "bias", 0, positions))
+    return UnitSpec(name, "channel", len(roots), scoring, gated)
+
+
+def _zero(model: nn.Module, spec: UnitSpec, units: list[int]) -> None:
     with torch.no_grad():
-        for name, mapping in members.items():
-            module = model.get_submodule(name)
-            channels = [mapping[r] for r in root_channels if r in mapping]
-            for tensor in (module.weight, getattr(module, "bias", None)):
-                if tensor is not None:
-                    tensor[channels] = 0
+        for piece in (*spec.gated, *spec.cleared):
+            tensor = getattr(model.get_submodule(piece.module), piece.tensor_name)
+            entries = [p for unit in units for p in piece.positions[unit]]
+            tensor.index_fill_(piece.dim, torch.tensor(entries, dtype=torch.long, device=tensor.device), 0)
 
 
-def _same_outputs(a: nn.Module, b: nn.Module, example_inputs: tuple[Tensor, ...]) -> bool:
-    a.eval(), b.eval()
-    with torch.no_grad():
-        try:
-            out_a, out_b = a(*example_inputs), b(*example_inputs)
-        except RuntimeError:  # a shape mismatch: the removal broke the model
-            return False
-    out_a, out_b = torch.as_tensor(out_a), torch.as_tensor(out_b)
-    if out_a.shape != out_b.shape:
-        return False
-    return bool(torch.allclose(out_a, out_b, rtol=1e-4, atol=1e-5 * (1 + float(out_a.abs().max()))))
+def _remove(model: nn.Module, spec: UnitSpec, units: list[int], graph, attention: dict[str, AttentionSpec]) -> None:
+    """Physically remove `units` of `spec` from `model` (whose dependency graph is `graph`)."""
+    if spec.kind == "head":
+        attention[spec.name.removesuffix(" heads")].remove_units(model, units)
+        return
+    root_piece = spec.scoring[0]
+    root = model.get_submodule(root_piece.module)
+    handler = graph.get_pruner_of_module(root).prune_out_channels
+    graph.get_pruning_group(root, handler, idxs=[root_piece.positions[unit][0] for unit in units]).prune()
 
 
-def _removal_is_exact(model: nn.Module, candidates: list[tuple[str, dict[str, dict[int, int]], int]], example_inputs: tuple[Tensor, ...]) -> bool:
-    """Zero a third of each candidate group's channels in one copy, remove them in another, compare."""
-    tp = _torch_pruning()
+def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: ExampleInputs) -> bool:
+    """Zero a third of each unit group's units in one copy, remove them in another, compare the outputs."""
     masked, removed = copy.deepcopy(model), copy.deepcopy(model)
-    graph = _dependency_graph(removed, example_inputs)
-    roots = {name: module for name, module in removed.named_modules()}
+    attention = {spec.module: spec for spec in find_attention(removed, example_inputs)}
+    graph = _dependency_graph(removed, example_inputs, list(attention.values())) if any(s.kind == "channel" for s in specs) else None
     generator = torch.Generator().manual_seed(0)
-    for root_name, members, size in candidates:
-        chosen = torch.randperm(size, generator=generator)[: max(1, size // 3)].tolist()
-        _zero_channels(masked, members, chosen)
-        root = roots[root_name]
-        handler = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
-        root_mapping = members[root_name]
-        graph.get_pruning_group(root, handler, idxs=[root_mapping[r] for r in chosen]).prune()
-    return _same_outputs(masked, removed, example_inputs)
+    try:
+        for spec in specs:
+            chosen = torch.randperm(spec.size, generator=generator)[: max(1, spec.size // 3)].tolist()
+            _zero(masked, spec, chosen)
+            _remove(removed, spec, chosen, graph, attention)
+        masked.eval(), removed.eval()
+        with torch.no_grad():
+            return same_outputs(call_model(masked, example_inputs), call_model(removed, example_inputs))
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError, AssertionError):
+        return False  # the removal broke the model
 
 
-def find_channel_groups(
-    model: nn.Module, example_inputs: Tensor | Sequence[Tensor], selected: set[str]
-) -> tuple[list[ChannelGroupSpec], dict[str, str]]:
-    """Groups of coupled output channels whose producers are all in `selected` (module names).
+def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selected: set[str]) -> tuple[list[UnitSpec], dict[str, str]]:
+    """Attention heads and groups of coupled output channels whose producers are all in `selected`.
 
     Returns:
-        The groups that are safe to prune, and group name -> why it is left dense, for the others.
+        The units that are safe to prune, and unit group name -> why it is left dense, for the others.
+    Raises:
+        TypeError: the model rejects `example_inputs`.
+        TimeoutError: Torch-Pruning's graph did not finish in time (the part is named).
     """
-    example_inputs = _as_tuple(example_inputs)
-    graph = _dependency_graph(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)  # a clear error for inputs the model rejects, before any tracing
+    finally:
+        model.train(was_training)
+    attention = find_attention(model, example_inputs)
+    inside_attention = {name for spec in attention for name in spec.projections}
+    candidates, skipped = [], {}
+    for spec in attention:
+        projections = set(spec.projections)
+        if not projections & selected:
+            continue
+        if not projections <= selected:
+            skipped[f"{spec.module} heads"] = f"its projections are not all selected for channel pruning: {sorted(projections - selected)}"
+            continue
+        if spec.kv_heads < 2:
+            skipped[f"{spec.module} heads"] = f"{spec.kv_heads} key-value head: nothing to prune without removing the attention"
+            continue
+        candidates.append(spec.unit_spec(model))
+    graph = _dependency_graph(model, example_inputs, attention)
     names = {module: name for name, module in model.named_modules()}
     order = {name: position for position, name in enumerate(names.values())}
-    candidates, skipped = [], {}
-    for root, _, members, supported in _groups(model, graph):
-        producers = tuple(sorted((n for n in members if isinstance(model.get_submodule(n), PRODUCER_TYPES)), key=order.get))
-        if not producers or not set(producers) & selected:
+    producer_types = _producers()
+    for root, _, members, supported in _groups(model, graph, attention):
+        producers = tuple(sorted((n for n in members if isinstance(model.get_submodule(n), producer_types)), key=order.get))
+        if not producers or not set(producers) & selected or set(producers) <= inside_attention:
             continue
         name = producers[0]
         if not supported:
-            skipped[name] = "a coupled layer is not a Conv, Linear or BatchNorm layer (or is a model output)"
+            skipped[name] = "a coupled layer is not a prunable layer or BatchNorm (e.g. an embedding, a LayerNorm), or is a model output"
         elif not set(producers) <= selected:
             skipped[name] = f"coupled with layers not selected for channel pruning: {sorted(set(producers) - selected)[:4]}"
         else:
-            root_name = names[root]
-            size = len(members[root_name])
-            candidates.append((name, root_name, members, size, producers))
-    safe = []
-    if candidates and not _removal_is_exact(model, [(r, m, s) for _, r, m, s, _ in candidates], example_inputs):
+            candidates.append(_channel_spec(name, members, names[root], producers, model))
+    if candidates and not _removal_is_exact(model, candidates, example_inputs):
+        safe = []
         for candidate in candidates:
-            if _removal_is_exact(model, [candidate[1:4]], example_inputs):
+            if _removal_is_exact(model, [candidate], example_inputs):
                 safe.append(candidate)
+            elif candidate.kind == "head":
+                skipped[candidate.name] = "removing these heads changes the model's outputs (e.g. a position bias shared with other layers)"
             else:
-                skipped[candidate[0]] = "Torch-Pruning cannot remove these channels exactly (e.g. a zero-padded shortcut)"
-    else:
-        safe = candidates
-    specs = []
-    for name, root_name, members, size, producers in safe:
-        roots = sorted(members[root_name])
-        specs.append(ChannelGroupSpec(name, size, {m: [mapping[r] for r in roots] for m, mapping in members.items()}, producers))
-    return specs, skipped
+                skipped[candidate.name] = "Torch-Pruning cannot remove these channels exactly (e.g. a zero-padded shortcut)"
+        candidates = safe
+    return candidates, skipped
 
 
-def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.Module:
-    """A copy of a finalized model without its all-zero coupled channels: smaller and faster.
+# --- compaction ----------------------------------------------------------------------------------------
 
-    A channel goes when every coupled tensor (weights, biases, norm scales and shifts) is exactly zero
-    there, so the outputs do not change; this is checked on `example_inputs` before returning.
+
+def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
+    """A copy of a finalized model without its all-zero coupled channels and heads: smaller and faster.
+
+    A channel (head) goes when every coupled tensor (weights, biases, norm parameters; a head's query,
+    key, value and output slices) is exactly zero there, so the outputs do not change; this is checked
+    on `example_inputs` (a tensor, a tuple, or a dict of keyword tensors) before returning. Attention
+    modules get their head counts updated.
 
     Raises:
+        ValueError: the model still has PDP's masks attached (finalize() first).
         RuntimeError: the compacted copy computes something else (the input model is left untouched).
     """
-    example_inputs = _as_tuple(example_inputs)
+    _refuse_parametrized(model, "compact()")
     compacted = copy.deepcopy(model)
-    graph = _dependency_graph(compacted, example_inputs)
+    for spec in find_attention(compacted, example_inputs):
+        dead = spec.dead_units(compacted)
+        if dead and len(dead) < spec.kv_heads:
+            spec.remove_units(compacted, dead)
+    attention = find_attention(compacted, example_inputs)
+    graph = _dependency_graph(compacted, example_inputs, attention)
     removals = []
-    for root, handler, members, supported in _groups(compacted, graph):
+    for root, handler, members, supported in _groups(compacted, graph, attention):
         if not supported or not members:
             continue
         root_channels = set.intersection(*(set(mapping) for mapping in members.values()))
@@ -193,58 +317,85 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
             removals.append((root, handler, [members[root_name][r] for r in dead]))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
-    if not _same_outputs(model, compacted, example_inputs):
+    model_state, compacted_state = model.training, compacted.training
+    model.eval(), compacted.eval()
+    try:
+        with torch.no_grad():
+            same = same_outputs(call_model(model, example_inputs), call_model(compacted, example_inputs))
+    finally:
+        model.train(model_state), compacted.train(compacted_state)
+    if not same:
         raise RuntimeError("compaction changed the model's outputs; the original model is unchanged. Please report this model")
     return compacted
 
 
+def _refuse_parametrized(model: nn.Module, action: str) -> None:
+    from torch.nn.utils import parametrize
+
+    attached = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    if attached:
+        raise ValueError(
+            f"{action} needs a plain model, but {attached[:3]} still carry parametrizations (PDP's masks): "
+            "call pruner.finalize() first"
+        )
+
+
 def _channel_is_zero(module: nn.Module, channel: int) -> bool:
-    tensors = [module.weight, getattr(module, "bias", None)]
-    return all(t is None or not bool(t[channel].any()) for t in tensors)
+    dim = _output_dim(module)
+    tensors = [(module.weight, dim), (getattr(module, "bias", None), 0)]
+    return all(t is None or not bool(t.select(d, channel).any()) for t, d in tensors)
 
 
-def count_macs_and_parameters(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> tuple[int, int]:
+def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -> tuple[int, int]:
     """Multiply-accumulates of one forward pass on `example_inputs`, and the parameter count."""
-    tp = _torch_pruning()
+    tp = torch_pruning()
     was_training = model.training
     model.eval()
     try:
-        macs, parameters = tp.utils.count_ops_and_params(model, list(_as_tuple(example_inputs)))
+        macs, parameters = tp.utils.count_ops_and_params(model, example_inputs, output_transform=first_tensor)
+    except TypeError:  # older Torch-Pruning: no output_transform
+        macs, parameters = tp.utils.count_ops_and_params(model, example_inputs)
     finally:
         model.train(was_training)
     return int(macs), int(parameters)
 
 
-def save_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: Tensor | Sequence[Tensor], **metadata: Any) -> None:
+def save_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs, **metadata: Any) -> None:
     """Save a compacted model so that `load_compacted` rebuilds it from the original architecture.
 
-    The file holds the weights and the example input shapes, all weights-only-safe; no pickled classes.
+    The file holds the weights and the example inputs' shapes, all weights-only-safe; no pickled classes.
     """
-    shapes = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in _as_tuple(example_inputs)]
-    save_checkpoint(path, {"format": COMPACTED_FORMAT, "state_dict": model.state_dict(), "example_inputs": shapes, **metadata})
+    _refuse_parametrized(model, "save_compacted()")
+    save_checkpoint(path, {"format": COMPACTED_FORMAT, "state_dict": model.state_dict(), "example_inputs": describe_inputs(example_inputs), **metadata})
 
 
 def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Shrink a fresh instance of the *original* architecture to the saved shapes, then load the weights.
 
-    Every coupled group loses as many channels as the saved model lost; which ones does not matter,
-    since all values are then overwritten.
+    Every attention module loses as many heads, and every coupled group as many channels, as it lost
+    when saved; which ones does not matter, since all values are then overwritten.
 
     Raises:
         ValueError: the file is not a compacted model, or does not fit this architecture.
     """
     state = load_checkpoint(path)
-    if state.get("format") != COMPACTED_FORMAT:
+    if state.get("format") not in (COMPACTED_FORMAT, "pdprune.compacted/1"):
         raise ValueError(f"{str(path)!r} is not a compacted pdprune model (format {state.get('format')!r}); use torch.load for plain files")
     saved = state["state_dict"]
-    example_inputs = tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in state["example_inputs"])
-    graph = _dependency_graph(model, example_inputs)
+    example_inputs = inputs_from_description(state["example_inputs"])
+    for spec in find_attention(model, example_inputs):
+        removed = spec.units_removed_in(model, saved)
+        if removed:
+            spec.remove_units(model, list(range(removed)))
+    attention = find_attention(model, example_inputs)
+    graph = _dependency_graph(model, example_inputs, attention)
     names = {module: name for name, module in model.named_modules()}
     removals = []
-    for root, handler, members, _ in _groups(model, graph):
+    for root, handler, _, _ in _groups(model, graph, attention):
         key = f"{names[root]}.weight"
-        if key in saved and saved[key].shape[0] < root.weight.shape[0]:
-            removals.append((root, handler, list(range(root.weight.shape[0] - saved[key].shape[0]))))
+        dim = _output_dim(root)
+        if key in saved and saved[key].shape[dim] < root.weight.shape[dim]:
+            removals.append((root, handler, list(range(root.weight.shape[dim] - saved[key].shape[dim]))))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
     try:
@@ -252,3 +403,5 @@ def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except RuntimeError as error:
         raise ValueError(f"{str(path)!r} does not fit this architecture: {str(error).splitlines()[0]}. Pass a fresh instance of the model that was compacted") from error
     return model
+
+

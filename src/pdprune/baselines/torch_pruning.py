@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pdprune.baselines.base import Baseline, MethodSpec, selected_weights
-from pdprune.structure import find_channel_groups
+from pdprune.structure import find_structured_units
 
 __all__ = ["TorchPruningChannels"]
 
@@ -26,8 +26,8 @@ class TorchPruningChannels(Baseline):
         import torch_pruning as tp
 
         layers = selected_weights(model)
-        groups, _ = find_channel_groups(model, example_inputs, set(layers))
-        prunable = {producer for group in groups for producer in group.producers}
+        units, _ = find_structured_units(model, example_inputs, set(layers))
+        prunable = {piece.module for unit in units if unit.kind == "channel" for piece in unit.scoring}
         ignored = [module for name, module in layers.items() if name not in prunable]
         self.events = max(1, round(spec.ramp_end_epoch - spec.warmup_epochs))  # one pruning step per ramp epoch
         was_training = model.training
