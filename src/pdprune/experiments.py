@@ -37,7 +37,7 @@ import tomllib
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +108,24 @@ def _checked_schedule(table: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read a grid TOML file and expand it into runs. Raises ValueError naming the bad entry."""
-    config = tomllib.loads(Path(path).read_text())
+    try:
+        config = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"grid {str(path)!r} is not valid TOML: {error}") from None
     for required in ("name", "dataset", "model", "seeds", "runs"):
         if required not in config:
             raise ValueError(f"grid {str(path)!r} lacks {required!r}")
+    unknown = sorted(set(config.get("train", {})) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"grid {str(path)!r}: [train] has unknown fields {unknown}; TrainConfig takes {[f.name for f in fields(TrainConfig)]}")
     train_config = TrainConfig(**config.get("train", {}))
     schedule = _checked_schedule(config.get("schedule", {}), "[schedule]")
+    if not isinstance(config["runs"], list) or not config["runs"]:
+        raise ValueError(f"grid {str(path)!r}: runs must be a non-empty list of [[runs]] tables")
     runs = []
     for index, entry in enumerate(config["runs"]):
+        if not entry.get("methods"):
+            raise ValueError(f"runs[{index}]: give methods = [...], some of {list(METHODS)}")
         entry_schedule = {**schedule, **_checked_schedule(entry.get("schedule", {}), f"runs[{index}]: schedule")}
         warmup_epochs = float(entry_schedule.get("warmup_epochs", 1))
         ramp_end_epoch = float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2))
