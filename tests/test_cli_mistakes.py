@@ -275,3 +275,22 @@ def test_bench_names_a_missing_or_broken_grid_file(tmp_path, capsys):
     assert "broken.toml' is not valid TOML" in _refused(["bench", str(tmp_path / "broken.toml")], capsys)
     (tmp_path / "typo.toml").write_text(GRID.replace("epochs = 1", "epoch = 1"))
     assert "[train] has unknown fields ['epoch']" in _refused(["bench", str(tmp_path / "typo.toml")], capsys)
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--exclude", "layers.*"], r"no prunable layer selected: .* left after --include/--exclude; change --include/--exclude$"),
+    (["--device", "meta"], r"--device meta holds shapes but no values"),
+    (["--structure", "2:4", "--sparsity", "0.75"], r"drop --sparsity, or use --structure 1:4 for 75%$"),
+    (["--structure", "1:4", "--layer-structure", "layers.5=2:4", "--sparsity", "0.75"], r"with --structure 1:4 and every --layer-structure: .*; drop --sparsity$"),
+], ids=["exclude-all", "meta", "suggest-nm", "mixed-nm"])
+def test_more_train_mistakes_in_cli_words(arguments, message, tmp_path, capsys):
+    line = _refused(["train", "--out", str(tmp_path / "out"), *arguments], capsys)
+    assert re.search(message, line), line
+    assert "module_types=" not in line and not (tmp_path / "out").exists()
+
+
+def test_an_n_m_structure_with_its_own_sparsity_is_accepted():
+    from pdprune.cli import build_parser, check_train_arguments
+
+    check_train_arguments(build_parser().parse_args(["train", "--structure", "2:4", "--sparsity", "0.5"]))
+    check_train_arguments(build_parser().parse_args(["train", "--structure", "2:4", "--layer-structure", "layers.5=unstructured", "--sparsity", "0.3"]))

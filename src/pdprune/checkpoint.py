@@ -62,9 +62,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = _reason(error)
         raise ValueError(
-            f"cannot read checkpoint {str(path)!r} ({type(error).__name__}: {reason}); "
-            "the file is truncated, corrupt or not a weights-only torch checkpoint (pickled objects are refused): "
-            "restore it or delete it to start over"
+            f"cannot read checkpoint {str(path)!r} ({type(error).__name__}: {reason[:200]}); "
+            "the file is truncated, corrupt or not a weights-only torch checkpoint (pickled objects are refused: "
+            "loading them could run code): restore it or delete it to start over"
         ) from error
+
+
+def _reason(error: Exception) -> str:
+    """The specific line of a load error; torch's advice for a refused pickle (weights_only=False, which
+    could run the file's code) is left out."""
+    generic = ("weights only load failed", "weights_only", "check the documentation", "please file an issue")
+    for line in str(error).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not any(phrase in line.lower() for phrase in generic):
+            return line.split(". Please")[0].rstrip(".")
+    return type(error).__name__

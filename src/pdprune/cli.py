@@ -91,6 +91,8 @@ _CLI_PHRASES = (
     (r"set channels_last=False", "drop --channels-last"),
     (r"ScheduleConfig\((\w+)=\.\.\.\)", r"\1"),
     (r"\blayer_structures\[('[^']*')\]", r"--layer-structure \1"),
+    (r"pass module_types=\.\.\. or change include/exclude", "change --include/--exclude"),
+    (r"\binclude/exclude\b", "--include/--exclude"),
 )
 _API_FLAGS = {
     "warmup_epochs": "--warmup-epochs", "ramp_end_epoch": "--ramp-end-epoch", "ramp_shape": "--ramp-shape",
@@ -261,9 +263,12 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         implied = {round(1 - n / m, 12) for n, m in patterns}
         if implied != {round(args.sparsity, 12)}:
             n, m = parse_structure(args.structure)
+            others = " and every --layer-structure" if args.layer_structure else ""
+            matching = next((f"{k}:{size}" for size in (4, 8, 16) for k in range(1, size) if abs(1 - k / size - args.sparsity) < 1e-9), None)
             raise ValueError(
-                f"--sparsity {args.sparsity:g} has no effect with --structure {args.structure}: an N:M pattern sets the sparsity itself "
-                f"({args.structure} keeps {n} of every {m} weights: {1 - n / m:.0%} zeros); drop --sparsity, or choose another N:M (e.g. 1:4 for 75%)"
+                f"--sparsity {args.sparsity:g} has no effect with --structure {args.structure}{others}: an N:M pattern sets the sparsity "
+                f"itself ({args.structure} keeps {n} of every {m} weights: {1 - n / m:.0%} zeros); drop --sparsity"
+                + (f", or use --structure {matching} for {args.sparsity:.0%}" if matching and matching != args.structure else "")
             )
     if args.warmup_epochs is not None and args.warmup_epochs >= args.epochs:
         raise ValueError(
@@ -289,7 +294,8 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--channels-last is a layout for image inputs; --dataset {args.dataset} gives token ids: drop --channels-last")
     check_device(args.device)
     if args.pretrained is not None and not Path(args.pretrained).is_file():
-        raise ValueError(f"--pretrained {args.pretrained}: no such file; pass the weights file to start from (a state_dict or checkpoint)")
+        problem = "is a directory" if Path(args.pretrained).is_dir() else ": no such file"
+        raise ValueError(f"--pretrained {args.pretrained}{' ' if problem[0] != ':' else ''}{problem}; pass the weights file to start from (a state_dict or checkpoint)")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is not a directory; pass the folder that holds the datasets")
     if args.data_dir is None and args.dataset not in EMBEDDED_DATASETS and data_dir() is None:
@@ -311,6 +317,8 @@ def check_device(name: str) -> torch.device:
             raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "meta":
+        raise ValueError("--device meta holds shapes but no values, so nothing can train on it; use --device cpu or cuda")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
