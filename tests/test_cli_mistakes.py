@@ -251,6 +251,9 @@ seeds = [0, 1]
 train_limit = 64
 [train]
 epochs = 1
+[schedule]
+warmup_epochs = 0.5
+ramp_end_epoch = 1
 [[runs]]
 methods = ["dense", "pdp"]
 sparsities = [0.5]
@@ -275,6 +278,19 @@ def test_bench_names_a_missing_or_broken_grid_file(tmp_path, capsys):
     assert "broken.toml' is not valid TOML" in _refused(["bench", str(tmp_path / "broken.toml")], capsys)
     (tmp_path / "typo.toml").write_text(GRID.replace("epochs = 1", "epoch = 1"))
     assert "[train] has unknown fields ['epoch']" in _refused(["bench", str(tmp_path / "typo.toml")], capsys)
+
+
+@pytest.mark.parametrize("change,message", [
+    (("ramp_end_epoch = 1", "ramp_end_epoch = 2"), r"runs\[0\]: the schedule does not fit in 1 epochs: warmup_epochs 0.5 and ramp_end_epoch 2"),
+    (("warmup_epochs = 0.5", "warmup_epochs = 1"), r"runs\[0\]: the schedule does not fit in 1 epochs"),
+    (("sparsities = [0.5]", "sparsities = [0.5]\npdp = { temperature = -1 }"), r"runs\[0\]: pdp at sparsity 0.5: temperature must be a finite number > 0"),
+    (("sparsities = [0.5]", "sparsities = [0.5]\npdp = { warmth = 1 }"), r"runs\[0\]: pdp at sparsity 0.5: unknown PruningConfig fields \['warmth'\]"),
+], ids=["ramp-after-end", "warmup-fills-all", "temperature", "unknown-field"])
+def test_bench_refuses_a_grid_that_would_fail_midway_before_running_anything(change, message, tmp_path, capsys):
+    (tmp_path / "grid.toml").write_text(GRID.replace(*change))
+    line = _refused(["bench", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "out")], capsys)
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("arguments,message", [

@@ -129,6 +129,13 @@ def load_grid(path: str | os.PathLike) -> Grid:
         entry_schedule = {**schedule, **_checked_schedule(entry.get("schedule", {}), f"runs[{index}]: schedule")}
         warmup_epochs = float(entry_schedule.get("warmup_epochs", 1))
         ramp_end_epoch = float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2))
+        epochs = train_config.epochs
+        if not (0 <= warmup_epochs < epochs and warmup_epochs <= ramp_end_epoch <= epochs):
+            raise ValueError(
+                f"runs[{index}]: the schedule does not fit in {epochs} epochs: warmup_epochs {warmup_epochs:g} and ramp_end_epoch "
+                f"{ramp_end_epoch:g} need 0 <= warmup_epochs < epochs and warmup_epochs <= ramp_end_epoch <= epochs (defaults: 1 and "
+                "epochs // 2); set them under [schedule] or in the entry's schedule"
+            )
         for method in entry["methods"]:
             if method not in METHODS:
                 raise ValueError(f"runs[{index}]: unknown method {method!r}; choose from {list(METHODS)}")
@@ -149,6 +156,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
                         config.get("train_limit"), config.get("device", "cpu"),
                     ))
+                    if method == "pdp":  # a bad setting fails here, not hours into the grid
+                        try:
+                            pdp_config(runs[-1], steps_per_epoch=1)
+                        except (TypeError, ValueError) as error:
+                            raise ValueError(f"runs[{index}]: pdp at sparsity {float(sparsity):g}: {error}") from None
     keys = [run.key for run in runs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
@@ -156,18 +168,22 @@ def load_grid(path: str | os.PathLike) -> Grid:
     return Grid(config["name"], tuple(runs), config)
 
 
+def pdp_config(spec: RunSpec, steps_per_epoch: int) -> PruningConfig:
+    """The PruningConfig of a PDP run: its sparsity, structure and schedule, with the entry's `pdp` overrides."""
+    overrides = dict(spec.pdp)
+    schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
+    return PruningConfig.from_dict({
+        "sparsity": spec.sparsity, "structure": spec.structure,
+        "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
+    })
+
+
 def build_method(spec: RunSpec, model: nn.Module, example: Tensor, steps_per_epoch: int) -> PruningMethod | None:
     """Attach the run's pruning method to `model` (None for dense): PDP with the run's overrides, or a baseline."""
     if spec.method == "dense":
         return None
     if spec.method == "pdp":
-        overrides = dict(spec.pdp)
-        schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
-        config = PruningConfig.from_dict({
-            "sparsity": spec.sparsity, "structure": spec.structure,
-            "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
-        })
-        return PDPPruner(model, config, example_inputs=example)
+        return PDPPruner(model, pdp_config(spec, steps_per_epoch), example_inputs=example)
     return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
 
 
@@ -238,7 +254,7 @@ def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress
             continue
         checkpoint = out / "checkpoints" / f"{run.key}.pt"
         started = time.perf_counter()
-        row = run_one(run, data_dir, checkpoint, progress=False)
+        row = run_one(run, data_dir, checkpoint, progress=progress)  # the batches of the run in progress, under the grid's bar
         row["wall_seconds"] = time.perf_counter() - started
         with open(results, "a") as file:
             file.write(json.dumps(row) + "\n")
