@@ -174,7 +174,7 @@ def train(
         generator.set_state(state["generator"].cpu())  # map_location moved it to the model's device
         if "torch_rng" in state:  # dropout and other global random numbers continue where they stopped
             torch.set_rng_state(state["torch_rng"].cpu())
-        if state.get("cuda_rng") and device.type == "cuda":
+        if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         first_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
 
