@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/pdprune train --out runs/demo
+	$(BIN)/pdprune train --out runs/demo --overwrite
+	@echo "pdprune is installed in $(VENV): run 'source $(VENV)/bin/activate' to use the pdprune command (README)"
 
 test: venv
 	$(BIN)/python -m pytest -q

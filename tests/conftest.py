@@ -57,23 +57,28 @@ def tiny_mlp() -> nn.Sequential:
 
 
 class TinyResNet(nn.Module):
-    """A stem, an identity residual block and a projection residual block: two coupled streams."""
+    """A stem, an identity residual block and a projection residual block: two coupled streams.
 
-    def __init__(self) -> None:
+    `width` channels in the first stream, twice that in the second (so width=4 is what 50% channel
+    pruning of the default leaves).
+    """
+
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(8)
-        self.block1_conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.block1_bn1 = nn.BatchNorm2d(8)
-        self.block1_conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.block1_bn2 = nn.BatchNorm2d(8)
-        self.block2_conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
-        self.block2_bn1 = nn.BatchNorm2d(16)
-        self.block2_conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.block2_bn2 = nn.BatchNorm2d(16)
-        self.block2_shortcut = nn.Conv2d(8, 16, 1, stride=2, bias=False)
-        self.block2_shortcut_bn = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 4)
+        wide = 2 * width
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.block1_conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.block1_bn1 = nn.BatchNorm2d(width)
+        self.block1_conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.block1_bn2 = nn.BatchNorm2d(width)
+        self.block2_conv1 = nn.Conv2d(width, wide, 3, stride=2, padding=1, bias=False)
+        self.block2_bn1 = nn.BatchNorm2d(wide)
+        self.block2_conv2 = nn.Conv2d(wide, wide, 3, padding=1, bias=False)
+        self.block2_bn2 = nn.BatchNorm2d(wide)
+        self.block2_shortcut = nn.Conv2d(width, wide, 1, stride=2, bias=False)
+        self.block2_shortcut_bn = nn.BatchNorm2d(wide)
+        self.fc = nn.Linear(wide, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem_bn(self.stem(x)))

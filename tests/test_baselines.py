@@ -12,7 +12,7 @@ from pdprune.baselines import BASELINES, MethodSpec, build_baseline
 from pdprune.baselines.gmp import cubic_sparsity
 from pdprune.data import load_dataset
 from pdprune.models import build_model
-from pdprune.train import TrainConfig, train
+from pdprune.train import TrainConfig, evaluate, train
 
 CASES = [("gmp", "unstructured", 0.8), ("torch_ao", "unstructured", 0.8), ("oneshot", "unstructured", 0.8),
          ("torch_pruning", "channel", 0.5), ("srste", "2:4", 0.5), ("pdp", "unstructured", 0.8), ("pdp", "2:4", 0.5), ("pdp", "channel", 0.5)]
@@ -36,7 +36,10 @@ def test_every_method_runs_two_epochs_on_a_tiny_subset(method, structure, sparsi
     model = build_model("mlp", data.input_shape, data.num_classes)
     pruner = _method(method, model, data, structure, sparsity, ramp_end_epoch=1.5)
     result = train(model, data, TrainConfig(epochs=2, batch_size=32), pruner, progress=False)
-    assert 0 <= result.accuracy["test"] <= 1
+    inputs, labels = data.evaluations["test"]
+    assert result.accuracy["test"] == evaluate(model, inputs, labels), "the reported accuracy is the pruned model's"
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[1]["loss"] < result.history[0]["loss"], "the model learns while it is pruned"
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if structure == "unstructured":
         # the MLP has Linear layers only, so even torch.ao (which skips convolutions) reaches the target

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,7 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--sparsity", "1.5", "--out", str(tmp_path), "--quiet", "--no-dense"])
     assert exit_info.value.code == 2
-    assert "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert "argument --sparsity: must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_recalibrate_bn_keeps_the_fresh_statistics_in_the_saved_model(tmp_path, capsys):
@@ -111,7 +114,7 @@ def test_straight_through_reaches_the_config_and_is_refused_for_channels(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--structure", "channel", "--straight-through", "--quiet", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "straight_through applies to unstructured and N:M masks, not to 'channel'" in capsys.readouterr().err
+    assert "--straight-through applies to unstructured and N:M masks, not to 'channel'" in capsys.readouterr().err
 
 
 def test_a_pretrained_model_is_pruned_from_the_first_step_and_reaches_the_target_early():
@@ -152,3 +155,189 @@ def test_every_subcommand_explains_itself(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: pdprune " + command in capsys.readouterr().out
+
+
+# --- --out: never mixed, resumed with the same command, replaced only with --overwrite --------------
+
+QUICK = ["train", "--epochs", "3", "--quiet"]
+
+
+def _state(path):
+    return load_checkpoint(path)["model"]
+
+
+def _same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_second_run_into_the_same_out_is_refused_unless_overwrite_and_never_mixed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*QUICK, "--no-dense", "--model", "mlp", "--structure", "channel", "--sparsity", "0.5", "--out", str(out)]) == 0
+    assert (out / "model_compacted.pt").is_file() and not (out / "checkpoints").exists()
+    assert capsys.readouterr().err == "", "--quiet: no progress bars"
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*QUICK, "--no-dense", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a finished run (run.json); pass --overwrite to replace it" in err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert main([*QUICK, "--no-dense", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["model.pt", "report.md", "run.json"], "the old model_compacted.pt is gone"
+    assert json.loads((out / "run.json").read_text())["pruning_config"]["structure"] == "unstructured"
+
+
+class _Interrupt:
+    """Ctrl-C right after the `when`-th checkpoint of the training named `name` was written."""
+
+    def __init__(self, monkeypatch, name: str, when: int) -> None:
+        import pdprune.train
+
+        self.save, self.name, self.when, self.count = pdprune.train.save_checkpoint, name, when, 0
+        monkeypatch.setattr(pdprune.train, "save_checkpoint", self)
+
+    def __call__(self, path, state):
+        self.save(path, state)
+        if Path(path).name == self.name:
+            self.count += 1
+            if self.count == self.when:
+                raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["dense.pt", "pdp.pt"])
+def test_ctrl_c_says_how_to_resume_and_the_same_command_finishes_bit_for_bit(where, tmp_path, capsys, monkeypatch):
+    arguments = ["train", "--epochs", "3", "--batch-size", "128", "--quiet"]
+    assert main([*arguments, "--out", str(tmp_path / "straight")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "interrupted"
+    interrupt = _Interrupt(monkeypatch, where, when=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--out", str(out), "--overwrite"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    command = err.split("resume from the last finished epoch with: ")[1].strip()
+    assert command == f"pdprune train --epochs 3 --batch-size 128 --quiet --out {out}", "without --overwrite, which would start over"
+    assert (out / "checkpoints" / where).is_file() and not (out / "run.json").exists() and not (out / "model.pt").exists()
+    monkeypatch.setattr(interrupt, "when", 0)  # no more interruptions
+    assert main(shlex.split(command)[1:]) == 0
+    assert f"resuming the unfinished run in {out}" in capsys.readouterr().out
+    assert sorted(path.name for path in out.iterdir()) == ["model.pt", "report.md", "run.json"]
+    _same_weights(_state(tmp_path / "straight" / "model.pt"), _state(out / "model.pt"))
+    straight, resumed = (json.loads((tmp_path / name / "run.json").read_text()) for name in ("straight", "interrupted"))
+    for run in ("dense", "pdp"):
+        assert resumed[run]["accuracy"] == straight[run]["accuracy"]
+        assert resumed[run]["history"] == straight[run]["history"]
+
+
+def test_an_unfinished_run_with_other_settings_is_not_resumed(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    _Interrupt(monkeypatch, "pdp.pt", when=1)
+    with pytest.raises(SystemExit):
+        main([*QUICK, "--no-dense", "--out", str(out)])
+    capsys.readouterr()
+    saved = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main([*QUICK, "--no-dense", "--sparsity", "0.8", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished run with other settings (--sparsity None there, 0.8 here)" in err
+    assert "rerun its command to resume it, pass --overwrite to delete it" in err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == saved
+
+
+def test_sigint_stops_a_real_process_with_one_line_and_code_130(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "pdprune.cli", "train", "--epochs", "1000", "--no-dense", "--quiet", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "pdp.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines() == [f"pdprune train: interrupted; resume from the last finished epoch with: "
+                                        f"pdprune train --epochs 1000 --no-dense --quiet --out {out}"]
+    assert (out / "checkpoints" / "pdp.pt").is_file()
+
+
+def test_progress_shows_batches_rate_and_epoch_within_the_epoch(capsys, monkeypatch):
+    import pdprune.train
+    from pdprune.train import TrainConfig, train
+
+    digits = load_dataset("digits").subset(256, 64)
+    train(build_model("mlp", digits.input_shape, digits.num_classes), digits, TrainConfig(epochs=2, batch_size=32), description="dense")
+    err = capsys.readouterr().err
+    assert "dense:" in err and "/16 [" in err and ("batch/s" in err or "s/batch" in err), "batches of the run, rate, time left"
+    assert "epoch 2/2, loss" in err
+
+    class Bar:  # records what the bar is told, however fast the batches go by
+        def __init__(self, **options):
+            self.options, self.n, self.postfix, self.seen = options, options["initial"], "", []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            return False
+
+        def set_postfix_str(self, text):
+            self.postfix = text
+
+        def update(self, count=1):
+            self.n += count
+            self.seen.append((self.n, self.postfix))
+
+    bars: list[Bar] = []
+    monkeypatch.setattr(pdprune.train, "tqdm", Bar)
+    train(build_model("mlp", digits.input_shape, digits.num_classes), digits, TrainConfig(epochs=2, batch_size=32), description="dense")
+    [bar] = bars
+    assert bar.options["total"] == 16 and bar.options["unit"] == "batch"
+    assert [n for n, _ in bar.seen] == list(range(1, 17)), "one step per batch"
+    assert all(postfix.startswith("epoch 1/2") for _, postfix in bar.seen[:8])
+    assert all(postfix.startswith("epoch 2/2, loss") for _, postfix in bar.seen[8:])
+
+
+def test_train_help_says_how_resume_and_overwrite_work_and_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the same command resumes it from its last finished epoch" in text
+    assert "--overwrite deletes that earlier run first" in text
+    assert "exit codes: 0 done; 2 a mistake" in text and "130 interrupted" in text and "--debug" in text
+
+
+def test_onnx_export_of_the_compacted_model_that_train_wrote(tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from pdprune import load_compacted
+
+    out = tmp_path / "run"
+    assert main([*QUICK, "--no-dense", "--structure", "channel", "--sparsity", "0.5", "--out", str(out)]) == 0
+    assert main(["export", str(out / "model_compacted.pt"), str(tmp_path / "small.onnx"), "--format", "onnx"]) == 0
+    small = load_compacted(out / "model_compacted.pt", build_model("mlp", (1, 8, 8), 10)).eval()
+    x = load_dataset("digits").evaluations["test"][0][:5]
+    session = onnxruntime.InferenceSession(str(tmp_path / "small.onnx"))
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), small(x).detach(), rtol=1e-4, atol=1e-4)
+    assert main(["export", str(out / "model_compacted.pt"), str(tmp_path / "small.sparse.pt")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "small.sparse.pt"), str(tmp_path / "again.onnx"), "--format", "onnx"])
+    assert exit_info.value.code == 2
+    assert "is a sparse copy of a compacted model" in capsys.readouterr().err
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_readme_and_makefile_agree_on_how_pdprune_gets_on_path():
+    root = Path(__file__).resolve().parents[1]
+    readme, makefile = (root / "README.md").read_text(), (root / "Makefile").read_text()
+    assert "source .venv/bin/activate" in readme.split("## ")[0], "the README's first lines say how to get pdprune on PATH"
+    demo = makefile.split("\ndemo:")[1].split("\n\n")[0].replace("$(VENV)", ".venv")
+    assert "source .venv/bin/activate" in demo, "make demo says it too"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pdprune.data import DataError, batches, load_dataset
+from pdprune.data import files as files_module
 from pdprune.data import idx as idx_module
 from pdprune.data import sst2 as sst2_module
 from pdprune.data.augment import random_crop_flip
@@ -159,6 +160,7 @@ class _Server:
 
 
 def test_mnist_downloads_verifies_and_loads(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(files_module, "BACKOFF_SECONDS", 0.0)  # the retries happen, without the waits
     served = tmp_path / "server"
     for name in idx_module.FILES:
         _copy(data_dir, served, f"mnist/{name}")
@@ -169,6 +171,19 @@ def test_mnist_downloads_verifies_and_loads(data_dir, tmp_path, monkeypatch):
     assert data.train_inputs.shape == (60_000, 1, 28, 28)
     assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(idx_module.FILES)
     assert server.requests.count("/t10k-images-idx3-ubyte.gz") == 2, "the truncated transfer was retried"
+
+
+def test_each_mirror_is_retried_with_doubling_pauses_before_the_next(tmp_path):
+    served = tmp_path / "server" / "mnist"
+    served.mkdir(parents=True)
+    (served / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not the real file")
+    pauses: list[float] = []
+    with _Server(served) as server:
+        with pytest.raises(DataError, match=r"could not download"):
+            download(["http://127.0.0.1:9/unreachable/t10k-labels-idx1-ubyte.gz", server.url + "t10k-labels-idx1-ubyte.gz"],
+                     tmp_path / "data", "mnist/t10k-labels-idx1-ubyte.gz", retries=3, sleep=pauses.append, progress=False)
+    assert pauses == [1.0, 2.0, 1.0, 2.0], "1 s, then 2 s between the tries of each mirror"
+    assert server.requests.count("/t10k-labels-idx1-ubyte.gz") == 3
 
 
 def test_a_corrupt_download_is_retried_then_refused_and_nothing_is_left(data_dir, tmp_path):
@@ -183,6 +198,7 @@ def test_a_corrupt_download_is_retried_then_refused_and_nothing_is_left(data_dir
 
 
 def test_sst2_downloads_the_glue_zip_and_checks_the_tables(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(files_module, "BACKOFF_SECONDS", 0.0)
     served = tmp_path / "server"
     served.mkdir()
     with zipfile.ZipFile(served / "SST-2.zip", "w") as archive:
@@ -207,9 +223,19 @@ def test_batches_cover_the_data_once_in_a_seeded_order():
 
 
 def test_random_crop_flip_moves_pixels_without_changing_them():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    """Every output image is its input zero-padded by 2, cropped at some offset and perhaps mirrored;
+    over a batch, the offsets and flips vary (an identity function fails this)."""
+    images = torch.arange(32 * 3 * 8 * 8, dtype=torch.float32).reshape(32, 3, 8, 8) + 1
     out = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
     assert out.shape == images.shape
-    for i in range(2):
-        values = set(out[i].flatten().tolist()) - {0.0}
-        assert values <= set(images[i].flatten().tolist())
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))  # (32, 3, 12, 12)
+    found = []
+    for i in range(32):
+        matches = [(top, left, flip) for top in range(5) for left in range(5) for flip in (False, True)
+                   if torch.equal(out[i], (lambda crop: crop.flip(-1) if flip else crop)(padded[i, :, top : top + 8, left : left + 8]))]
+        assert len(matches) == 1, f"image {i} is not a crop of its padded self"
+        found.append(matches[0])
+    assert len({(top, left) for top, left, _ in found}) >= 5, "the offsets vary"
+    assert 0 < sum(flip for _, _, flip in found) < 32, "some images are mirrored, some not"
+    again = random_crop_flip(images, torch.Generator().manual_seed(0), padding=2)
+    assert torch.equal(out, again), "the generator alone decides"

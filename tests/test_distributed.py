@@ -1,9 +1,16 @@
 """DDP on CPU with gloo (2 processes): same masks on every rank at every step, the same result as one
-process on the same global batch, checkpoints from rank 0 that resume at another world size."""
+process on the same global batch, checkpoints from rank 0 that resume at another world size.
+
+Every worker ends with `_end_worker()`: DDP's reducer and FSDP2's device mesh keep the gloo process group
+alive after `destroy_process_group()` (with its threads: gloo_tcp_loop, pt_gloo_runloop), and tearing
+the interpreter down under those running threads aborted a worker about one run in ten ("terminate
+called without an active exception"). `os._exit` after a barrier skips that teardown.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -44,6 +51,15 @@ def _train(model: nn.Module, pruner: PDPPruner, optimizer: torch.optim.Optimizer
             after_step(step)
 
 
+def _end_worker() -> None:
+    """Leave once every rank is done, without the interpreter's teardown (see the module docstring)."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -63,8 +79,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     _train(wrapped, pruner, optimizer, range(STEPS), rank, world, check_and_save)
     if rank == 0:
         torch.save({"masked": _masked(model), "budgets": pruner.budgets}, os.path.join(out, "ddp.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    _end_worker()
 
 
 def _single_process(resume_from: str | None = None, steps_per_epoch: int = 2) -> tuple[list[torch.Tensor], PDPPruner]:
@@ -93,6 +108,46 @@ def test_ddp_ranks_agree_match_one_process_and_resume_at_another_world_size(tmp_
     resumed, _ = _single_process(resume_from=str(tmp_path / "step3.pt"))
     for a, b in zip(resumed, single):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _twins(scale: float) -> nn.Module:
+    """Two layers of one shape and init, the first scaled: global allocation splits the budget by magnitude."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+    return model
+
+
+def _budgets_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Ranks whose weights differ (no DDP to sync them): the budgets must still be rank 0's, so that no
+    rank prunes by budgets that add up to another sparsity than the others'."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _twins(scale=1.0 + 2.0 * rank)  # rank 1's first layer is 3x larger: on its own, it would keep more of it
+    pruner = PDPPruner(model, CONFIG)
+    for _ in range(2):  # the warm-up ends: the budgets are allocated
+        pruner.step()
+    targets = {layer.name: layer.target for layer in pruner.report().layers}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, targets)
+    if rank == 0:
+        torch.save({"targets": gathered}, os.path.join(out, "budgets.pt"))
+    _end_worker()
+
+
+def test_ranks_that_start_different_still_prune_with_rank_0_s_budgets(tmp_path):
+    mp.spawn(_budgets_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    targets = torch.load(tmp_path / "budgets.pt", weights_only=True)["targets"]
+    alone = {}
+    for scale in (1.0, 3.0):
+        pruner = PDPPruner(_twins(scale), CONFIG)
+        for _ in range(2):
+            pruner.step()
+        alone[scale] = {layer.name: layer.target for layer in pruner.report().layers}
+    assert alone[1.0] != alone[3.0], "the two ranks' weights alone give different budgets"
+    assert targets[0] == alone[1.0], "rank 0 allocates as one process would"
+    assert targets[1] == targets[0], "rank 1 uses rank 0's budgets, not its own weights' ones"
 
 
 def test_resuming_with_more_steps_per_epoch_keeps_the_position_in_epochs(tmp_path):
@@ -133,8 +188,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     final = [state["0.weight"], state["2.weight"]]
     if rank == 0:
         torch.save({"seen": seen, "budgets": pruner.budgets, "final": final}, os.path.join(out, "fsdp.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    _end_worker()
 
 
 def test_fsdp2_thresholds_select_over_the_whole_tensor_not_the_shard(tmp_path):

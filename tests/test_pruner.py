@@ -67,11 +67,27 @@ def test_straight_through_gives_pruned_weights_a_gradient_without_changing_the_f
     assert float(gradients[True][dropped].abs().max()) > 1e-2 * float(gradients[True].abs().max())
 
 
+def _expected_finalized(model: nn.Module, pruner: PDPPruner) -> dict[str, torch.Tensor]:
+    """What `finalize()` must leave, from the attached model alone: the weights the network computes
+    with (w * m(w)) where |w| is among the largest of its tensor (the exact count for its budget), 0 elsewhere."""
+    expected = {}
+    for layer in pruner.report().layers:
+        module = model.get_submodule(layer.name.removesuffix(".weight"))
+        original, effective = module.parametrizations.weight.original.detach(), module.weight.detach()
+        kept = torch.zeros(original.numel(), dtype=torch.bool)
+        kept[original.abs().flatten().topk(original.numel() - pruned_count(layer.target, original.numel())).indices] = True
+        expected[layer.name] = torch.where(kept.reshape(original.shape), effective, torch.zeros_like(effective))
+    return expected
+
+
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_finalize_hits_the_exact_count_and_loads_into_the_plain_model(tiny_convnet, allocation):
-    reference = copy.deepcopy(tiny_convnet)
+    from tests.conftest import TinyConvNet
+
     pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.75, allocation=allocation, schedule=IMMEDIATE))
     _train_steps(tiny_convnet, pruner, torch.optim.SGD(tiny_convnet.parameters(), lr=0.05), 5)
+    expected = _expected_finalized(tiny_convnet, pruner)
+    x = torch.randn(3, 3, 6, 6)
     model = pruner.finalize()
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     total_zeros, total = 0, 0
@@ -81,15 +97,18 @@ def test_finalize_hits_the_exact_count_and_loads_into_the_plain_model(tiny_convn
         if allocation == "uniform":
             assert budget == 0.75
         assert int((weight == 0).sum()) == pruned_count(budget, weight.numel())
+        assert torch.equal(weight != 0, expected[name] != 0), f"{name}: the largest magnitudes are kept"
+        torch.testing.assert_close(weight.detach(), expected[name], rtol=1e-6, atol=1e-7, msg=f"{name}: kept weights are w * m(w)")
         total_zeros += int((weight == 0).sum())
         total += weight.numel()
     assert abs(total_zeros - pruned_count(0.75, total)) <= len(pruner.tensor_names)
     report = pruner.report()
     assert report.sparsity == pytest.approx(total_zeros / total)
-    reference.load_state_dict(model.state_dict())
-    x = torch.randn(3, 3, 6, 6)
+    # The plain architecture, given the expected weights and the model's other tensors, computes the same.
+    reference = TinyConvNet()
+    reference.load_state_dict({**model.state_dict(), **expected})
     model.eval(), reference.eval()
-    torch.testing.assert_close(reference(x), model(x))
+    torch.testing.assert_close(reference(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_finalize_keeps_exactly_the_weights_whose_soft_mask_is_at_least_half(tiny_mlp):
@@ -306,13 +325,22 @@ def test_finalized_state_dict_is_what_finalize_leaves_without_touching_the_model
 
     pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.7, schedule=IMMEDIATE))
     _train_steps(tiny_convnet, pruner, torch.optim.SGD(tiny_convnet.parameters(), lr=0.05), 3)
+    before = {key: value.clone() for key, value in tiny_convnet.state_dict().items()}
+    expected = _expected_finalized(tiny_convnet, pruner)
     state = pruner.finalized_state_dict()
     assert parametrize.is_parametrized(tiny_convnet.conv1), "the model is untouched"
+    assert all(torch.equal(before[key], value) for key, value in tiny_convnet.state_dict().items())
     plain = TinyConvNet()
     plain.load_state_dict(state)
+    for name, weight in expected.items():
+        torch.testing.assert_close(state[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(state[name] != 0, weight != 0), name
     pruner.finalize()
+    assert state.keys() == tiny_convnet.state_dict().keys()
     for key, value in tiny_convnet.state_dict().items():
         assert torch.equal(state[key], value), key
+        if key in expected:
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_tied_weights_share_one_mask_count_once_and_stay_tied(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from torch.nn.utils import parametrize
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig, compact, is_nm_sparse, load_compacted, save_compacted
 from pdprune.masks import group_along_inputs
 from pdprune.models import build_model
+from pdprune.models.mobilenet import MobileNetV1
 from tests.conftest import TinyResNet, randomize_batchnorm
 
 IMMEDIATE = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)
@@ -163,9 +165,37 @@ def test_option_a_resnet_keeps_its_padded_residual_stream_dense_and_prunes_the_b
     assert sorted(pruner.units) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
 
 
-@pytest.mark.parametrize("build,shape", [(TinyResNet, (2, 3, 8, 8)), (lambda: build_model("mobilenet_v1", (3, 32, 32), 10), (2, 3, 32, 32)),
-                                         (lambda: build_model("resnet20", (3, 32, 32), 10), (2, 3, 32, 32))])
-def test_finalize_then_compact_keeps_outputs_and_removes_the_channels(build, shape):
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _resnet20_without_half_of_each_block_s_inner_channels() -> int:
+    """ResNet-20's parameters once every block loses half of conv1's filters (and bn1's channels, and
+    conv2's matching inputs); its zero-padded residual stream stays whole."""
+    dense = build_model("resnet20", (3, 32, 32), 10)
+    removed = 0
+    for name, module in dense.named_modules():
+        if name.startswith("layer") and name.endswith(".conv1"):
+            out_channels, in_channels, height, width = module.weight.shape
+            gone = out_channels // 2
+            removed += gone * in_channels * height * width  # conv1's filters
+            removed += 2 * gone  # bn1's scale and shift
+            removed += out_channels * gone * height * width  # conv2's inputs from them
+    return _parameters(dense) - removed
+
+
+# At 50% channels, each architecture compacts to a known one: half of every prunable coupled group.
+COMPACTED_PARAMETERS = {
+    "tiny_resnet": lambda: _parameters(TinyResNet(width=4)),
+    "mobilenet_v1": lambda: _parameters(MobileNetV1(10, 3, width=0.5)),
+    "resnet20": _resnet20_without_half_of_each_block_s_inner_channels,
+}
+
+
+@pytest.mark.parametrize("name,build,shape", [("tiny_resnet", TinyResNet, (2, 3, 8, 8)),
+                                              ("mobilenet_v1", lambda: build_model("mobilenet_v1", (3, 32, 32), 10), (2, 3, 32, 32)),
+                                              ("resnet20", lambda: build_model("resnet20", (3, 32, 32), 10), (2, 3, 32, 32))])
+def test_finalize_then_compact_keeps_outputs_and_removes_the_channels(name, build, shape):
     model = randomize_batchnorm(build())
     example = torch.randn(shape)
     with warnings.catch_warnings():
@@ -179,7 +209,7 @@ def test_finalize_then_compact_keeps_outputs_and_removes_the_channels(build, sha
     model.eval(), small.eval()
     x = torch.randn(shape)
     assert (small(x) - model(x)).abs().max() < 1e-5
-    assert sum(p.numel() for p in small.parameters()) < 0.75 * sum(p.numel() for p in model.parameters())
+    assert _parameters(small) == COMPACTED_PARAMETERS[name](), "every pruned channel of every group is gone"
 
 
 def test_compacted_model_saves_and_loads_in_a_new_process(tmp_path):
@@ -200,7 +230,7 @@ def test_compacted_model_saves_and_loads_in_a_new_process(tmp_path):
         x = torch.load({str(tmp_path / 'x.pt')!r})
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
         assert (model(x) - expected).abs().max() < 1e-6, "outputs differ"
-        assert sum(p.numel() for p in model.parameters()) < 0.75 * sum(p.numel() for p in build_model("mobilenet_v1", (3, 32, 32), 10).parameters())
+        assert sum(p.numel() for p in model.parameters()) == {_parameters(small)}
         print("loaded")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -239,3 +269,32 @@ def test_channel_pruning_resumes_from_model_state_alone(tiny_resnet):
     tiny_resnet.eval(), other.eval()
     torch.testing.assert_close(other(example), tiny_resnet(example))
     assert pruner.current_sparsity("stem") == 0.5
+
+
+def test_channel_mask_gradient_is_the_derivative_of_what_the_forward_computes():
+    """The soft mask of a channel depends on its filters' norms, and the gradient flows through that:
+    autograd agrees with central differences for every weight of a channel away from the threshold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    model = randomize_batchnorm(model).double().eval()  # eval: BatchNorm is a fixed function of its input
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    config = PruningConfig(sparsity=0.5, structure="channel", temperature=0.5, schedule=IMMEDIATE)  # a soft mask: a real slope
+    PDPPruner(model, config, example_inputs=x)
+    original = model[0].parametrizations.weight.original
+
+    def loss() -> float:
+        return model(x).square().sum()
+
+    loss().backward()
+    order = original.detach().square().flatten(1).sum(dim=1).argsort()  # (8,) channels by filter norm
+    step = 1e-6
+    # The threshold sits between the 4th and 5th channels; moving any other channel leaves it in place.
+    for channel in (int(order[0]), int(order[1]), int(order[-1])):
+        for index in itertools.product([channel], range(3), range(3), range(3)):
+            with torch.no_grad():
+                original[index] += step
+                up = float(loss())
+                original[index] -= 2 * step
+                down = float(loss())
+                original[index] += step
+            assert float(original.grad[index]) == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-9), index

@@ -99,3 +99,31 @@ def test_batchnorm_recalibration_replaces_the_running_statistics_with_the_data_s
     before = copy.deepcopy(mlp.state_dict())
     assert not recalibrate_batchnorm(mlp, digits)
     assert all(torch.equal(before[key], value) for key, value in mlp.state_dict().items())
+
+
+def test_a_model_with_dropout_resumes_to_the_same_weights(tmp_path):
+    """Dropout draws from torch's global generator: the checkpoint carries its state too."""
+    digits = load_dataset("digits").subset(128, 32)
+
+    def run(checkpoint=None, crash_after=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10))
+        steps = {"n": 0}
+
+        def count(module, args, output):
+            steps["n"] += 1
+            if crash_after is not None and steps["n"] > crash_after:
+                raise SimulatedCrash
+
+        model[3].register_forward_hook(count)
+        train(model, digits, TrainConfig(epochs=3, batch_size=32), checkpoint_path=checkpoint, progress=False)
+        return model
+
+    straight = run()
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(SimulatedCrash):
+        run(checkpoint, crash_after=4 + 1 + 4 + 1 + 2)  # 4 batches and an evaluation per epoch: dies in epoch 3
+    torch.manual_seed(123)  # whatever the global generator holds when the run resumes
+    resumed = run(checkpoint)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -37,7 +37,7 @@ import tomllib
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +108,34 @@ def _checked_schedule(table: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read a grid TOML file and expand it into runs. Raises ValueError naming the bad entry."""
-    config = tomllib.loads(Path(path).read_text())
+    try:
+        config = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"grid {str(path)!r} is not valid TOML: {error}") from None
     for required in ("name", "dataset", "model", "seeds", "runs"):
         if required not in config:
             raise ValueError(f"grid {str(path)!r} lacks {required!r}")
+    unknown = sorted(set(config.get("train", {})) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"grid {str(path)!r}: [train] has unknown fields {unknown}; TrainConfig takes {[f.name for f in fields(TrainConfig)]}")
     train_config = TrainConfig(**config.get("train", {}))
     schedule = _checked_schedule(config.get("schedule", {}), "[schedule]")
+    if not isinstance(config["runs"], list) or not config["runs"]:
+        raise ValueError(f"grid {str(path)!r}: runs must be a non-empty list of [[runs]] tables")
     runs = []
     for index, entry in enumerate(config["runs"]):
+        if not entry.get("methods"):
+            raise ValueError(f"runs[{index}]: give methods = [...], some of {list(METHODS)}")
         entry_schedule = {**schedule, **_checked_schedule(entry.get("schedule", {}), f"runs[{index}]: schedule")}
         warmup_epochs = float(entry_schedule.get("warmup_epochs", 1))
         ramp_end_epoch = float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2))
+        epochs = train_config.epochs
+        if not (0 <= warmup_epochs < epochs and warmup_epochs <= ramp_end_epoch <= epochs):
+            raise ValueError(
+                f"runs[{index}]: the schedule does not fit in {epochs} epochs: warmup_epochs {warmup_epochs:g} and ramp_end_epoch "
+                f"{ramp_end_epoch:g} need 0 <= warmup_epochs < epochs and warmup_epochs <= ramp_end_epoch <= epochs (defaults: 1 and "
+                "epochs // 2); set them under [schedule] or in the entry's schedule"
+            )
         for method in entry["methods"]:
             if method not in METHODS:
                 raise ValueError(f"runs[{index}]: unknown method {method!r}; choose from {list(METHODS)}")
@@ -139,6 +156,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
                         config.get("train_limit"), config.get("device", "cpu"),
                     ))
+                    if method == "pdp":  # a bad setting fails here, not hours into the grid
+                        try:
+                            pdp_config(runs[-1], steps_per_epoch=1)
+                        except (TypeError, ValueError) as error:
+                            raise ValueError(f"runs[{index}]: pdp at sparsity {float(sparsity):g}: {error}") from None
     keys = [run.key for run in runs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
@@ -146,18 +168,22 @@ def load_grid(path: str | os.PathLike) -> Grid:
     return Grid(config["name"], tuple(runs), config)
 
 
+def pdp_config(spec: RunSpec, steps_per_epoch: int) -> PruningConfig:
+    """The PruningConfig of a PDP run: its sparsity, structure and schedule, with the entry's `pdp` overrides."""
+    overrides = dict(spec.pdp)
+    schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
+    return PruningConfig.from_dict({
+        "sparsity": spec.sparsity, "structure": spec.structure,
+        "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
+    })
+
+
 def build_method(spec: RunSpec, model: nn.Module, example: Tensor, steps_per_epoch: int) -> PruningMethod | None:
     """Attach the run's pruning method to `model` (None for dense): PDP with the run's overrides, or a baseline."""
     if spec.method == "dense":
         return None
     if spec.method == "pdp":
-        overrides = dict(spec.pdp)
-        schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
-        config = PruningConfig.from_dict({
-            "sparsity": spec.sparsity, "structure": spec.structure,
-            "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
-        })
-        return PDPPruner(model, config, example_inputs=example)
+        return PDPPruner(model, pdp_config(spec, steps_per_epoch), example_inputs=example)
     return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
 
 
@@ -228,7 +254,7 @@ def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress
             continue
         checkpoint = out / "checkpoints" / f"{run.key}.pt"
         started = time.perf_counter()
-        row = run_one(run, data_dir, checkpoint, progress=False)
+        row = run_one(run, data_dir, checkpoint, progress=progress)  # the batches of the run in progress, under the grid's bar
         row["wall_seconds"] = time.perf_counter() - started
         with open(results, "a") as file:
             file.write(json.dumps(row) + "\n")

@@ -104,17 +104,32 @@ def load_sparse(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Weights and metadata of any model file pdprune writes (sparse, `pdprune train`'s model.pt, a
-    compacted model) or of a plain (or `{"state_dict": ...}`) torch file."""
+    compacted model) or of a plain (or `{"state_dict": ...}`) torch file.
+
+    Raises:
+        ValueError: the file is unreadable, holds no weights (e.g. a list), or holds a model that is
+            still being pruned (a training checkpoint: its weights are not final).
+    """
     state = load_checkpoint(path)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{os.fspath(path)!r} holds a {type(state).__name__}, not model weights; pass a state_dict or a file that pdprune wrote")
     if str(state.get("format", "")).startswith("pdprune.sparse/"):
         return load_sparse(path), dict(state.get("metadata", {}))
+    weights, metadata = None, {}
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), Mapping):
             metadata = {k: v for k, v in state.items() if k != key and not isinstance(v, (Mapping, Tensor))}
-            return {n.removeprefix("module."): t for n, t in state[key].items()}, metadata
-    if all(isinstance(value, Tensor) for value in state.values() if not isinstance(value, str)):
-        return {n: t for n, t in state.items() if isinstance(t, Tensor)}, {}
-    raise ValueError(f"{os.fspath(path)!r} holds no model weights pdprune recognizes (keys {list(state)[:6]})")
+            weights = {str(n).removeprefix("module."): t for n, t in state[key].items()}
+            break
+    else:
+        if state and all(isinstance(value, Tensor) for value in state.values() if not isinstance(value, str)):
+            weights = {n: t for n, t in state.items() if isinstance(t, Tensor)}
+    if not weights or not all(isinstance(tensor, Tensor) for tensor in weights.values()):
+        raise ValueError(f"{os.fspath(path)!r} holds no model weights pdprune recognizes (keys {list(state)[:6]})")
+    if any(".parametrizations." in name or name.startswith("parametrizations.") for name in weights):
+        raise ValueError(f"{os.fspath(path)!r} holds a model still being pruned (its weights are under PDP's masks, e.g. a training "
+                         "checkpoint); use the model.pt that pdprune train writes at the end, or finalize() the pruner first")
+    return weights, metadata
 
 
 def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike) -> Path:

@@ -111,6 +111,10 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 
     return True
 
 
+def _summary(epoch: dict[str, float], primary: str) -> str:
+    return f"loss {epoch['loss']:.3f}, {primary} {100 * epoch[f'{primary}_accuracy']:.2f}%"
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -168,41 +172,52 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         generator.set_state(state["generator"].cpu())  # map_location moved it to the model's device
+        if "torch_rng" in state:  # dropout and other global random numbers continue where they stopped
+            torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         first_epoch, history, seconds = state["epoch"], state["history"], state["seconds"]
 
     primary = dataset.primary_evaluation
-    epochs = tqdm(range(first_epoch, config.epochs), desc=description, disable=not progress, initial=first_epoch, total=config.epochs)
-    for epoch in epochs:
-        started = time.perf_counter()
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for x, y in batches(dataset.train_inputs, dataset.train_labels, config.batch_size, generator, dataset.augment):
-            x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr_schedule.step()
-            if method is not None:
-                method.step()
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-        seconds += time.perf_counter() - started
-        accuracy = evaluate(model, *dataset.evaluations[primary])
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, f"{primary}_accuracy": accuracy})
-        epochs.set_postfix(loss=f"{loss_sum / seen:.3f}", accuracy=f"{100 * accuracy:.2f}%")
-        if checkpoint_path is not None and epoch + 1 < config.epochs:
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_schedule": lr_schedule.state_dict(),
-                "method": None if method is None else method.state_dict(),
-                "generator": generator.get_state(),
-                "epoch": epoch + 1,
-                "history": history,
-                "seconds": seconds,
-                "train_config": asdict(config),
-            })
+    # One bar over every batch of the run: the rate and the time left show from the first batches on.
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=first_epoch * steps_per_epoch, desc=description,
+               unit="batch", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for epoch in range(first_epoch, config.epochs):
+            started = time.perf_counter()
+            model.train()
+            loss_sum, seen = 0.0, 0
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs}" + (f", {_summary(history[-1], primary)}" if history else ""))
+            for x, y in batches(dataset.train_inputs, dataset.train_labels, config.batch_size, generator, dataset.augment):
+                x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr_schedule.step()
+                if method is not None:
+                    method.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                bar.update()
+            seconds += time.perf_counter() - started
+            accuracy = evaluate(model, *dataset.evaluations[primary])
+            history.append({"epoch": epoch + 1, "loss": loss_sum / seen, f"{primary}_accuracy": accuracy})
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs}, {_summary(history[-1], primary)}")
+            if checkpoint_path is not None and epoch + 1 < config.epochs:
+                save_checkpoint(checkpoint_path, {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "method": None if method is None else method.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "seconds": seconds,
+                    "train_config": asdict(config),
+                })
     if method is not None:
         method.finalize()
     return TrainResult(evaluate_splits(model, dataset), history, seconds)

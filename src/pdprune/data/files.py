@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -66,15 +66,21 @@ def verified(directory: Path, relative: str) -> Path:
     return path
 
 
+BACKOFF_SECONDS = 1.0
+"""The pause before a mirror's second try, doubled before each further one (1 s, 2 s, ...)."""
+
+
 def download(
     urls: Sequence[str], directory: Path, relative: str, *, check: bool = True, retries: int = 3,
-    timeout: float = 60.0, backoff: float = 1.0, progress: bool = True,
+    timeout: float = 60.0, backoff: float | None = None, progress: bool = True, sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
     """Fetch `relative` into `directory` from the first mirror that works, verified and atomically.
 
     Args:
         urls: mirrors of the same file, tried in order, each up to `retries` times.
         check: verify against the published checksum (False only for archives checked after unpacking).
+        backoff: the first pause between tries of a mirror, doubled each time (default `BACKOFF_SECONDS`).
+        sleep: how to pause (tests pass a recorder instead of waiting).
     Raises:
         DataError: every mirror failed; the message lists the last error and how to place the file by hand.
     """
@@ -101,7 +107,7 @@ def download(
                 last_error = error
                 partial.unlink(missing_ok=True)
                 if attempt + 1 < retries:
-                    time.sleep(backoff * 2**attempt)
+                    sleep((BACKOFF_SECONDS if backoff is None else backoff) * 2**attempt)
     raise DataError(
         f"could not download {relative} from {list(urls)} ({type(last_error).__name__}: {last_error}); "
         f"check the network, or download it yourself to {destination}"

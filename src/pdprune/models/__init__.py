@@ -60,12 +60,21 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     checkpoint, with or without DataParallel's `module.` prefix (as in the akamaster ResNets).
 
     Raises:
-        ValueError: the file's tensors do not fit the model (the first mismatches are named).
+        ValueError: the file cannot be read as weights, or its tensors do not fit the model (the first
+            mismatches are named).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a file that is not weights
+        raise ValueError(
+            f"cannot read weights from {os.fspath(path)!r} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+            "pass a torch state_dict or checkpoint file"
+        ) from error
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{os.fspath(path)!r} holds a {type(state).__name__}, not a state_dict of tensors; pass a model's weights")
     state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
     ours = model.state_dict()
     missing = sorted(k for k in set(ours) - set(state) if not k.endswith("num_batches_tracked"))  # older files lack it
