@@ -122,3 +122,87 @@ def test_prune_train_finalize_reload_and_compact(architecture, structure):
                 after = getattr(small.get_submodule(name), tensor_name).shape[dim]
                 assert before - after == entries, f"{group.name}: {name}"
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+# --- bad input: a specific error naming the module and the fix, nothing modified ---------------------
+
+
+def _untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    from torch.nn.utils import parametrize
+
+    assert not any(parametrize.is_parametrized(m) for m in model.modules()), "no parametrization left behind"
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_keyword_model_given_a_positional_tensor_is_told_to_pass_a_dict():
+    model = ARCHITECTURES["t5"][0]()  # needs decoder_input_ids as well
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"T5ForConditionalGeneration rejected example_inputs tensor\(4, 8\) int64 when called as model\(example_inputs\).*needs a dict"):
+        PDPPruner(model, PruningConfig(structure="channel"), example_inputs=_text(False)["input_ids"])
+    _untouched(model, before)
+
+
+def test_example_inputs_of_the_wrong_shape_name_the_model_and_the_shapes():
+    model = ARCHITECTURES["vit"][0]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"ViTForImageClassification rejected example_inputs \{'pixel_values': tensor\(4, 3, 20, 32\) float32\}"):
+        PDPPruner(model, PruningConfig(structure="channel"), example_inputs={"pixel_values": torch.randn(4, 3, 20, 32)})
+    _untouched(model, before)
+
+
+def test_a_layer_type_with_an_impossible_layout_is_refused():
+    import pdprune
+
+    with pytest.raises(ValueError, match=r"layer type 'Twisted': input_dim and output_dim are both 1"):
+        pdprune.register_layer_type("Twisted", torch.nn.Bilinear, input_dim=1, output_dim=1)
+    pdprune.register_layer_type("Bilinear", torch.nn.Bilinear, input_dim=3, output_dim=0)  # its weight has 3 dimensions
+    model = torch.nn.Sequential(torch.nn.Bilinear(4, 4, 8), torch.nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'0' is a Bilinear whose weight has shape \(8, 4, 4\), but the layer type 'Bilinear' declares input_dim=3"):
+        PDPPruner(model, PruningConfig(module_types=("Bilinear", "Linear")))
+    _untouched(model, before)
+
+
+def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = torch.nn.Sequential(layer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing left to prune: .*MultiheadAttention looks like attention but pdprune cannot tell where its heads lie"):
+        PDPPruner(model, PruningConfig(structure="channel", include=("0.self_attn.*",)), example_inputs=torch.randn(2, 5, 16))
+    _untouched(model, before)
+
+
+def test_a_compacted_hugging_face_model_loads_in_a_new_process(tmp_path):
+    import subprocess
+    import sys
+
+    from pdprune import save_compacted
+
+    build, batch = ARCHITECTURES["llama-gqa"]
+    torch.manual_seed(0)
+    model = build()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)),
+                       example_inputs=batch(labels=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.finalize()
+    small = compact(model, batch(labels=False))
+    save_compacted(tmp_path / "small.pt", small, batch(labels=False))
+    torch.save(_outputs(small, batch(labels=False)), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+from test_generality import ARCHITECTURES, _outputs
+from pdprune import load_compacted
+build, batch = ARCHITECTURES["llama-gqa"]
+model = load_compacted({str(tmp_path / 'small.pt')!r}, build())
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+for a, b in zip(expected, _outputs(model, batch(labels=False))):
+    torch.testing.assert_close(a, b)
+attention = model.model.layers[0].self_attn
+assert attention.q_proj.out_features == 2 * attention.head_dim and attention.k_proj.out_features == attention.head_dim
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -414,3 +414,84 @@ def test_finalize_measures_the_hard_cut_and_warns_when_it_is_large():
     hard = PDPPruner(nn.Sequential(nn.Linear(8, 8)), PruningConfig(sparsity=0.5, temperature=1e-4, schedule=IMMEDIATE))
     hard.finalize()
     assert hard.hard_cut["0.weight"] < 1e-3
+
+
+# --- refused up front, nothing modified --------------------------------------------------------------
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_untouched(model: nn.Module, before: dict[str, torch.Tensor], foreign: tuple[str, ...] = ()) -> None:
+    ours = [name for name, module in model.named_modules() if parametrize.is_parametrized(module) and name not in foreign]
+    assert not ours, f"parametrizations left behind on {ours}"
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[key], before[key]) for key in before)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "orthogonal"])
+def test_a_weight_that_already_carries_a_parametrization_is_refused_and_kept(tiny_mlp, wrap):
+    from torch.nn.utils import parametrizations
+
+    getattr(parametrizations, wrap)(tiny_mlp[2])
+    before = _snapshot(tiny_mlp)
+    with pytest.raises(ValueError, match=r"2.weight already carries a parametrization \(_(WeightNorm|Orthogonal)\); PDP masks plain weights.*exclude=\('2',\)"):
+        PDPPruner(tiny_mlp)
+    _assert_untouched(tiny_mlp, before, foreign=("2",))
+    assert parametrize.is_parametrized(tiny_mlp[2], "weight"), "the user's own parametrization stays"
+    PDPPruner(tiny_mlp, PruningConfig(exclude=("2",))).finalize()  # the way out the message names works
+    assert parametrize.is_parametrized(tiny_mlp[2], "weight")
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"0.weight is on the meta device .*Materialize and load the weights first"):
+        PDPPruner(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda s: s.pop("budgets"), r"the pruner state lacks \['budgets'\]"),
+        (lambda s: s["budgets"].pop("conv1.weight"), r"budgets are missing or out of \[0, 1\] for \['conv1.weight'\]"),
+        (lambda s: s["budgets"].update({"fc.weight": 7.0}), r"budgets are missing or out of \[0, 1\] for \['fc.weight'\]"),
+        (lambda s: s["schedule"].update({"steps_done": "12"}), r"the pruner state's 'schedule' entry is damaged"),
+        (lambda s: s.update({"config": "nonsense"}), r"the pruner state's 'config' entry is damaged"),
+        (lambda s: s.update({"tensors": 3}), r"the pruner state's 'tensors' entry is damaged"),
+    ],
+)
+def test_a_damaged_pruner_state_is_refused_before_anything_changes(tiny_convnet, damage, message):
+    config = PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=3, steps_per_epoch=2))
+    saved = PDPPruner(copy.deepcopy(tiny_convnet), config)
+    for _ in range(4):
+        saved.step()
+    state = copy.deepcopy(saved.state_dict())
+    damage(state)
+    pruner = PDPPruner(tiny_convnet, config)
+    pruner.step()
+    before = (copy.deepcopy(pruner.state_dict()), {name: unit.sparsity for name, unit in pruner.units.items()})
+    with pytest.raises(ValueError, match=message):
+        pruner.load_state_dict(state)
+    assert (pruner.state_dict(), {name: unit.sparsity for name, unit in pruner.units.items()}) == before
+
+
+@pytest.mark.parametrize("action", ["save_sparse", "compact", "save_compacted", "export_onnx"])
+def test_saving_or_compacting_a_model_whose_masks_are_attached_is_refused(tiny_convnet, tmp_path, action):
+    from pdprune import compact, save_compacted
+    from pdprune.export import export_onnx, save_sparse
+
+    PDPPruner(tiny_convnet, PruningConfig(schedule=IMMEDIATE))
+    calls = {
+        "save_sparse": lambda: save_sparse(tmp_path / "m.pt", tiny_convnet),
+        "compact": lambda: compact(tiny_convnet, torch.randn(1, 3, 8, 8)),
+        "save_compacted": lambda: save_compacted(tmp_path / "m.pt", tiny_convnet, torch.randn(1, 3, 8, 8)),
+        "export_onnx": lambda: export_onnx(tiny_convnet, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx"),
+    }
+    with pytest.raises(ValueError, match=rf"{action}\(\) needs a plain model, but \['conv1', 'conv2', 'fc'\] still carry parametrizations .*finalize\(\) first"):
+        calls[action]()
+    assert not list(tmp_path.iterdir()), "nothing written"
+    with pytest.raises(ValueError, match=r"save_sparse\(\) needs plain weights, but the state_dict holds PDP's masks"):
+        save_sparse(tmp_path / "m.pt", tiny_convnet.state_dict())

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pdprune._version import __version__
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
+from pdprune.model_io import refuse_parametrized
 
 __all__ = ["save_sparse", "load_sparse", "read_state_dict", "export_onnx", "SPARSE_FORMAT"]
 
@@ -42,7 +43,13 @@ def save_sparse(path: str | os.PathLike, state: nn.Module | Mapping[str, Tensor]
         state: a model (its `state_dict()` is saved) or a state_dict.
         metadata: numbers and strings to keep alongside (e.g. the model's name and input shape).
     """
+    if isinstance(state, nn.Module):
+        refuse_parametrized(state, "save_sparse()")
     state_dict = state.state_dict() if isinstance(state, nn.Module) else dict(state)
+    attached = [name for name in state_dict if ".parametrizations." in f".{name}"]
+    if attached:
+        raise ValueError(f"save_sparse() needs plain weights, but the state_dict holds PDP's masks ({attached[:2]}): call pruner.finalize() "
+                         "first, or save pruner.finalized_state_dict()")
     masks: list[np.ndarray] = []
     values: dict[str, list[Tensor]] = {}
     entries, mask_end, value_ends = {}, 0, {}
@@ -132,24 +139,29 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     return weights, metadata
 
 
-def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor], path: str | os.PathLike) -> Path:
+def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor], path: str | os.PathLike) -> Path:
     """Export a finalized (plain) model to ONNX with `torch.onnx.export`, batch dimension dynamic.
 
+    Args:
+        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors.
     Raises:
+        ValueError: the model still has PDP's masks attached (finalize() first).
         ImportError: the ONNX exporter's packages are missing (`pip install 'pdprune[onnx]'`).
     """
+    refuse_parametrized(model, "export_onnx()")
     try:
         import onnxscript  # noqa: F401 - torch's exporter needs it
     except ImportError as error:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'pdprune[onnx]'") from error
-    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    keywords = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}
+    positional = () if keywords else (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     path = Path(path)
     was_training = model.training
     model.eval()
     try:
         batch = torch.export.Dim("batch")
-        shapes = tuple({0: batch} for _ in example_inputs)
-        torch.onnx.export(model, example_inputs, path, dynamo=True, dynamic_shapes=shapes, external_data=False)
+        shapes = {key: {0: batch} for key in keywords} if keywords else tuple({0: batch} for _ in positional)
+        torch.onnx.export(model, positional, path, kwargs=keywords or None, dynamo=True, dynamic_shapes=shapes, external_data=False)
     finally:
         model.train(was_training)
     return path

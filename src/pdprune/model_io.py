@@ -11,7 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree
 
-__all__ = ["ExampleInputs", "call_model", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description", "first_tensor"]
+__all__ = [
+    "ExampleInputs", "call_model", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description", "first_tensor",
+    "refuse_parametrized",
+]
 
 ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -112,3 +115,15 @@ def inputs_from_description(description: Mapping[str, Any] | Sequence[Mapping[st
     if description["kind"] == "keywords":
         return dict(zip(description["keys"], tensors))
     return tuple(tensors)
+
+
+def refuse_parametrized(model: nn.Module, action: str) -> None:
+    """Raise ValueError if the model still carries parametrizations (PDP's masks, before finalize())."""
+    from torch.nn.utils import parametrize
+
+    attached = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    if attached:
+        raise ValueError(
+            f"{action} needs a plain model, but {attached[:3]} still carry parametrizations (PDP's masks): "
+            "call pruner.finalize() first"
+        )

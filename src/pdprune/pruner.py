@@ -383,16 +383,28 @@ class PDPPruner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from `state_dict()`: the next `step()` continues exactly where the saved one stopped.
 
+        Everything is checked before anything changes: a refused state leaves the pruner as it was.
+
         Raises:
-            ValueError: the state comes from another model, another config, or another state format.
+            ValueError: the state comes from another model, another config or another state format,
+                or an entry is missing or damaged (the entry is named).
         """
         self._check_attached("load_state_dict()")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a pruner state is the dict that PDPPruner.state_dict() returns, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"pruner state format {state.get('format')!r} (pdprune {state.get('pdprune_version')}) is not "
                 f"the format {STATE_FORMAT} of pdprune {__version__}; resume with the pdprune version that saved it"
             )
-        saved, ours = {n: list(s) for n, s in state["tensors"].items()}, self._shapes()
+        missing = [key for key in ("tensors", "config", "schedule", "budgets", "finalized") if key not in state]
+        if missing:
+            raise ValueError(f"the pruner state lacks {missing}; it is damaged: save it again with PDPPruner.state_dict()")
+        try:
+            saved = {n: list(s) for n, s in state["tensors"].items()}
+        except (AttributeError, TypeError) as error:
+            raise ValueError(f"the pruner state's 'tensors' entry is damaged ({error})") from None
+        ours = self._shapes()
         if saved != ours:
             missing = sorted(set(saved) - set(ours))
             extra = sorted(set(ours) - set(saved))
@@ -402,8 +414,11 @@ class PDPPruner:
                 f"tensors missing here {missing[:5]}, tensors not in the state {extra[:5]}, "
                 f"different shapes {reshaped[:5]}. Load it into the same architecture and config"
             )
-        saved_config, our_config = _plain(state["config"]), _plain(self.config.to_dict())
-        saved_steps = saved_config["schedule"].pop("steps_per_epoch")
+        try:
+            saved_config, our_config = _plain(state["config"]), _plain(self.config.to_dict())
+            saved_steps = saved_config["schedule"].pop("steps_per_epoch")
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"the pruner state's 'config' entry is damaged ({type(error).__name__}: {error})") from None
         our_steps = our_config["schedule"].pop("steps_per_epoch")
         if saved_config != our_config:
             changed = sorted(key for key, value in our_config.items() if saved_config.get(key) != value)
@@ -416,10 +431,23 @@ class PDPPruner:
                 "this pruner state was saved after finalize(); load the finalized model's state_dict into the "
                 "plain architecture instead of resuming the pruner"
             )
-        self.schedule.load_state_dict(state["schedule"])
+        schedule = state["schedule"]
+        steps_done = schedule.get("steps_done") if isinstance(schedule, Mapping) else None
+        allocated = schedule.get("allocated_epoch") if isinstance(schedule, Mapping) else None
+        if isinstance(steps_done, bool) or not isinstance(steps_done, int) or steps_done < 0 or not (
+            allocated is None or (isinstance(allocated, int) and not isinstance(allocated, bool))
+        ):
+            raise ValueError(f"the pruner state's 'schedule' entry is damaged: {schedule!r}; expected steps_done >= 0 and allocated_epoch")
+        budgets = state["budgets"]
+        if budgets is not None:
+            bad = [name for name in self.units if not isinstance(budgets, Mapping) or not isinstance(budgets.get(name), (int, float))
+                   or isinstance(budgets.get(name), bool) or not 0 <= budgets[name] <= 1]
+            if bad:
+                raise ValueError(f"the pruner state's budgets are missing or out of [0, 1] for {bad[:5]}; it is damaged")
+        self.schedule.load_state_dict(schedule)
         if saved_steps != our_steps:  # another batch size or world size: keep the position in epochs
             self.schedule.steps_done = round(self.schedule.steps_done / saved_steps * our_steps)
-        self.budgets = None if state["budgets"] is None else {name: float(state["budgets"][name]) for name in self.units}
+        self.budgets = None if budgets is None else {name: float(budgets[name]) for name in self.units}
         self._update_sparsities()
 
     def reschedule(self, steps_per_epoch: int) -> None:

@@ -28,7 +28,7 @@ from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.layer_surgery import layout_pruner, prune_entries, torch_pruning
 from pdprune.layers import layer_type_of, layer_types
 from pdprune.units import Slice, UnitSpec
-from pdprune.model_io import ExampleInputs, call_model, describe_inputs, first_tensor, inputs_from_description, same_outputs
+from pdprune.model_io import ExampleInputs, call_model, describe_inputs, first_tensor, inputs_from_description, refuse_parametrized, same_outputs
 
 __all__ = [
     "find_structured_units", "compact", "save_compacted", "load_compacted", "count_macs_and_parameters", "GRAPH_TIMEOUT_SECONDS",
@@ -134,13 +134,16 @@ def _producers() -> tuple[type[nn.Module], ...]:
     return tuple(layer_type.module_type for layer_type in layer_types().values() if layer_type.name != "Embedding")
 
 
-def _groups(model: nn.Module, graph, attention: list[AttentionSpec]) -> Iterable[tuple[nn.Module, Any, dict[str, dict[int, int]], bool]]:
+def _groups(
+    model: nn.Module, graph, attention: list[AttentionSpec], skip: Iterable[str] = ()
+) -> Iterable[tuple[nn.Module, Any, dict[str, dict[int, int]], bool]]:
     """(root module, root pruning function, member name -> {root channel: member channel}, supported),
     one per group of coupled output channels, each found within the time bound. Projections inside
     attention are no roots: their channels go by heads (`attention.py`), and following them through
     grouped-query attention's reshapes can send Torch-Pruning into an endless loop."""
     names = {module: name for name, module in model.named_modules()}
     heads = {model.get_submodule(name) for spec in attention for name in (spec.query, spec.key, spec.value)}
+    heads |= {model.get_submodule(name) for name in skip}
     outputs = {module for module, node in graph.module2node.items() if not node.outputs}
     producers = _producers()
     visited: set[nn.Module] = set()
@@ -167,6 +170,22 @@ def _groups(model: nn.Module, graph, attention: list[AttentionSpec]) -> Iterable
                 supported = False
             members[names[module]] = {int(r): int(i) for r, i in zip(item.root_idxs, item.idxs)}
         yield root, handler, members, supported
+
+
+def _unrecognized_attention(model: nn.Module, attention: list[AttentionSpec], selected: set[str]) -> dict[str, list[str]]:
+    """Modules named like attention, not recognized, that hold selected layers: name -> those layers."""
+    recognized = [spec.module for spec in attention]
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__.lower()
+        if "attention" not in kind and "attn" not in kind:
+            continue
+        if any(name == other or name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in recognized):
+            continue
+        inside = [n for n in selected if n.startswith(f"{name}.")]
+        if inside and not any(inside[0].startswith(f"{other}.") for other in found):
+            found[name] = sorted(inside)
+    return found
 
 
 def _output_dim(module: nn.Module) -> int:
@@ -244,6 +263,14 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     attention = find_attention(model, example_inputs)
     inside_attention = {name for spec in attention for name in spec.projections}
     candidates, skipped = [], {}
+    unrecognized = _unrecognized_attention(model, attention, selected)
+    for name, projections in unrecognized.items():
+        skipped[f"{name} heads"] = (
+            f"{type(model.get_submodule(name)).__name__} looks like attention but pdprune cannot tell where its heads lie "
+            f"(query, key and value projections and a head count or head size); its projections {projections[:4]} stay dense. "
+            "Exclude them, or prune them with an unstructured or N:M structure (layer_structures)"
+        )
+        inside_attention |= set(projections)
     for spec in attention:
         projections = set(spec.projections)
         if not projections & selected:
@@ -259,7 +286,7 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     names = {module: name for name, module in model.named_modules()}
     order = {name: position for position, name in enumerate(names.values())}
     producer_types = _producers()
-    for root, _, members, supported in _groups(model, graph, attention):
+    for root, _, members, supported in _groups(model, graph, attention, skip=inside_attention):
         producers = tuple(sorted((n for n in members if isinstance(model.get_submodule(n), producer_types)), key=order.get))
         if not producers or not set(producers) & selected or set(producers) <= inside_attention:
             continue
@@ -298,7 +325,7 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
         ValueError: the model still has PDP's masks attached (finalize() first).
         RuntimeError: the compacted copy computes something else (the input model is left untouched).
     """
-    _refuse_parametrized(model, "compact()")
+    refuse_parametrized(model, "compact()")
     compacted = copy.deepcopy(model)
     for spec in find_attention(compacted, example_inputs):
         dead = spec.dead_units(compacted)
@@ -329,17 +356,6 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     return compacted
 
 
-def _refuse_parametrized(model: nn.Module, action: str) -> None:
-    from torch.nn.utils import parametrize
-
-    attached = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
-    if attached:
-        raise ValueError(
-            f"{action} needs a plain model, but {attached[:3]} still carry parametrizations (PDP's masks): "
-            "call pruner.finalize() first"
-        )
-
-
 def _channel_is_zero(module: nn.Module, channel: int) -> bool:
     dim = _output_dim(module)
     tensors = [(module.weight, dim), (getattr(module, "bias", None), 0)]
@@ -365,7 +381,7 @@ def save_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: Ex
 
     The file holds the weights and the example inputs' shapes, all weights-only-safe; no pickled classes.
     """
-    _refuse_parametrized(model, "save_compacted()")
+    refuse_parametrized(model, "save_compacted()")
     save_checkpoint(path, {"format": COMPACTED_FORMAT, "state_dict": model.state_dict(), "example_inputs": describe_inputs(example_inputs), **metadata})
 
 
