@@ -127,3 +127,15 @@ def test_runs_of_batchnorm_models_also_report_accuracy_with_fresh_statistics(tmp
     table = summarize([row], tmp_path, "bn")
     assert "BatchNorm re-estimated (%)" in table
     assert f"| {100 * row['accuracy_bn_recalibrated']['test']:.2f} |" in table
+
+
+def test_a_method_listed_at_a_structure_it_cannot_do_is_not_run_and_the_table_says_so(tmp_path):
+    entry = '[[runs]]\nmethods = ["pdp", "gmp", "srste"]\nstructure = "2:4"\n'
+    (tmp_path / "grid.toml").write_text(GRID + entry)
+    grid = load_grid(tmp_path / "grid.toml")
+    assert grid.unsupported == (("gmp", "2:4", 0.5),)
+    assert {(run.method, run.structure) for run in grid.runs if run.structure == "2:4"} == {("pdp", "2:4"), ("srste", "2:4")}
+    row = {"method": "pdp", "structure": "2:4", "target_sparsity": 0.5, "accuracy": {"test": 0.9}, "achieved_sparsity": 0.5, "train_seconds": 1.0}
+    table = summarize([row], tmp_path, "smoke", grid.unsupported)
+    assert "| 2:4 | gmp | - | not supported |  |  |" in table.splitlines()
+    assert "| 2:4 | pdp | 1 | 90.00 | 50.00% | 1 |" in table.splitlines()

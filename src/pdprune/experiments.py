@@ -24,6 +24,9 @@ Optional: `pretrained` (a weights file under the data directory), `train_limit` 
 `schedule` table of ScheduleConfig overrides) for PDP variants, `schedule` (its own `warmup_epochs`
 and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), and `seeds` (more
 seeds for the runs that a comparison hinges on than the grid's own).
+
+A baseline listed at a structure it cannot do (see `BASELINES`, e.g. PQuantML's PDP at "2:4") is not
+run: the grid records it, and the summary table says "not supported" in its row.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pdprune._version import __version__
-from pdprune.baselines import BASELINES, MethodSpec, build_baseline
+from pdprune.baselines import BASELINES, MethodSpec, build_baseline, structure_kind
 from pdprune.config import PruningConfig, parse_structure
 from pdprune.data import load_dataset, data_dir as resolve_data_dir
 from pdprune.models import build_model, load_pretrained
@@ -92,9 +95,13 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Grid:
+    """The runs of a grid file, and the (method name, structure, sparsity) cells it lists that the
+    method cannot do, which the summary marks "not supported"."""
+
     name: str
     runs: tuple[RunSpec, ...]
     config: dict[str, Any]
+    unsupported: tuple[tuple[str, str, float], ...] = ()
 
 
 def _checked_schedule(table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -114,7 +121,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
             raise ValueError(f"grid {str(path)!r} lacks {required!r}")
     train_config = TrainConfig(**config.get("train", {}))
     schedule = _checked_schedule(config.get("schedule", {}), "[schedule]")
-    runs = []
+    runs, unsupported = [], []
     for index, entry in enumerate(config["runs"]):
         entry_schedule = {**schedule, **_checked_schedule(entry.get("schedule", {}), f"runs[{index}]: schedule")}
         warmup_epochs = float(entry_schedule.get("warmup_epochs", 1))
@@ -127,6 +134,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
             sparsities = [0.0] if method == "dense" else entry.get("sparsities", [1 - parsed[0] / parsed[1]] if isinstance(parsed, tuple) else None)
             if sparsities is None:
                 raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
+            if method in BASELINES and structure_kind(structure) not in BASELINES[method][0]:
+                unsupported += [(entry.get("label") or method, structure, float(sparsity)) for sparsity in sparsities]
+                continue
             seeds = entry.get("seeds", config["seeds"])
             if not seeds or not all(isinstance(seed, int) for seed in seeds):
                 raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -143,7 +153,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
         raise ValueError(f"grid {str(path)!r} has the same run twice: {duplicates[:3]}; give PDP variants a distinct label")
-    return Grid(config["name"], tuple(runs), config)
+    return Grid(config["name"], tuple(runs), config, tuple(unsupported))
 
 
 def build_method(spec: RunSpec, model: nn.Module, example: Tensor, steps_per_epoch: int) -> PruningMethod | None:
@@ -239,13 +249,21 @@ def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress
     return [done[run.key] for run in grid.runs if run.key in done]
 
 
-def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
-    """Markdown table (mean ± std over seeds) and a plot of accuracy vs sparsity, one line per method."""
+def _setting(method: str, structure: str, sparsity: float) -> str:
+    """A table row's setting: "dense", "90%", "2:4" or "channel 50%"."""
+    if method == "dense":
+        return "dense"
+    return {"unstructured": f"{100 * sparsity:g}%", "channel": f"channel {100 * sparsity:g}%"}.get(structure, structure)
+
+
+def summarize(rows: list[dict[str, Any]], out: Path, title: str, unsupported: Sequence[tuple[str, str, float]] = ()) -> str:
+    """Markdown table (mean ± std over seeds) and a plot of accuracy vs sparsity, one line per method;
+    a "not supported" row for each (method, structure, sparsity) of `unsupported` (`Grid.unsupported`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        setting = {"dense": "dense", "unstructured": f"{100 * row['target_sparsity']:g}%", "channel": f"channel {100 * row['target_sparsity']:g}%"}.get(
-            "dense" if row["method"] == "dense" else row["structure"], row["structure"])
-        groups[(setting, row["method"])].append(row)
+        groups[(_setting(row["method"], row["structure"], row["target_sparsity"]), row["method"])].append(row)
+    for method, structure, sparsity in unsupported:  # a placeholder with no results
+        groups[(_setting(method, structure, sparsity), method)] = [{"method": method, "structure": structure, "target_sparsity": sparsity}]
     splits = list(rows[0]["accuracy"]) if rows else []
 
     def mean_std(values: list[float]) -> str:
@@ -266,6 +284,9 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
         header += [f"{split}, BatchNorm re-estimated (%)" for split in splits]
     lines = [f"{title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (setting, method), members in groups.items():
+        if "accuracy" not in members[0]:
+            lines.append("| " + " | ".join([setting, method, "-", "not supported", *[""] * (len(header) - 4)]) + " |")
+            continue
         cells = [setting, method, str(len(members))]
         cells += [mean_std([100 * m["accuracy"][split] for m in members]) for split in splits]
         cells += [f"{100 * statistics.mean(m['achieved_sparsity'] for m in members):.2f}%", f"{statistics.mean(m['train_seconds'] for m in members):.0f}"]
@@ -295,6 +316,8 @@ def _plot(groups: dict[tuple, list[dict]], split: str | None, path: Path, title:
     by_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     dense = None
     for (setting, method), members in groups.items():
+        if "accuracy" not in members[0]:
+            continue  # not supported
         scores = [100 * m["accuracy"][split] for m in members]
         if method == "dense":
             dense = statistics.mean(scores)

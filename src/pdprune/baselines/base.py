@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["MethodSpec", "Baseline", "selected_weights"]
+from pdprune.structure import find_channel_groups
+
+__all__ = ["MethodSpec", "Baseline", "selected_weights", "channel_producers"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,11 @@ class Baseline:
 def selected_weights(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) -> dict[str, nn.Module]:
     """Module name -> module for the layers every method prunes by default (Conv and Linear)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, types)}
+
+
+def channel_producers(model: nn.Module, example_inputs: Tensor, selected: set[str]) -> set[str]:
+    """The layers of `selected` whose output channels every channel method prunes: the producers of
+    the channel groups that pdprune's removal check accepts (not a model output, not a zero-padded
+    shortcut), so that all methods prune the same layers."""
+    groups, _ = find_channel_groups(model, example_inputs, selected)
+    return {producer for group in groups for producer in group.producers}
