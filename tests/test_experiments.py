@@ -139,3 +139,20 @@ def test_a_method_listed_at_a_structure_it_cannot_do_is_not_run_and_the_table_sa
     table = summarize([row], tmp_path, "smoke", grid.unsupported)
     assert "| 2:4 | gmp | - | not supported |  |  |" in table.splitlines()
     assert "| 2:4 | pdp | 1 | 90.00 | 50.00% | 1 |" in table.splitlines()
+
+
+def test_a_baseline_variant_takes_the_peer_s_own_options_under_a_label(tmp_path):
+    entry = '[[runs]]\nmethods = ["pquant_pdp"]\nlabel = "pquant_pdp tau=3e-4"\noptions = { temperature = 3e-4 }\nsparsities = [0.8]\n'
+    (tmp_path / "grid.toml").write_text(GRID + entry)
+    runs = [run for run in load_grid(tmp_path / "grid.toml").runs if run.method == "pquant_pdp"]
+    assert {run.options["temperature"] for run in runs} == {3e-4} and runs[0].key == "digits-mlp-pquant_pdp_tau=3e-4-unstructured-0.8-seed0"
+    assert all(run.options == {} for run in load_grid(tmp_path / "grid.toml").runs if run.method != "pquant_pdp")
+    for bad, message in [
+        (entry.replace('label = "pquant_pdp tau=3e-4"\n', ""), r"runs\[3\]: options make a variant: give it a label"),
+        (entry.replace("temperature", "temprature"), r"runs\[3\]: 'pquant_pdp' has no option \['temprature'\]; its options: \['temperature'\]"),
+        (entry.replace('["pquant_pdp"]', '["gmp"]'), r"runs\[3\]: 'gmp' has no option \['temperature'\]; its options: \[\]"),
+        (entry.replace('["pquant_pdp"]', '["pdp"]'), r"runs\[3\]: options are a baseline's own settings; 'pdp' takes none \(PDP's go under pdp"),
+    ]:
+        (tmp_path / "bad.toml").write_text(GRID + bad)
+        with pytest.raises(ValueError, match=message):
+            load_grid(tmp_path / "bad.toml")

@@ -188,3 +188,16 @@ def test_pquantml_needs_its_torch_backend(monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     with pytest.raises(RuntimeError, match=r"needs KERAS_BACKEND=torch, got KERAS_BACKEND='tensorflow'"):
         PQuantPDP(TinyDigitsNet(), MethodSpec(0.5, "unstructured", 0.5, 1.5, 8), torch.randn(2, 1, 8, 8))
+
+
+def test_pquantml_s_temperature_is_an_option_and_its_default_stays_its_own():
+    data = _digits()
+    default = build_baseline("pquant_pdp", TinyDigitsNet(), MethodSpec(0.5, "unstructured", 0.5, 1.5, 8), data.train_inputs[:2])
+    assert {layer.pruning_layer.temp for layer in default.layers.values()} == {1e-5}
+    spec = MethodSpec(0.5, "unstructured", 0.5, 1.5, 8, options={"temperature": 3e-4})
+    tuned = build_baseline("pquant_pdp", TinyDigitsNet(), spec, data.train_inputs[:2])
+    assert {layer.pruning_layer.temp for layer in tuned.layers.values()} == {3e-4}
+    with pytest.raises(ValueError, match=r"PQuantML's temperature must be a number > 0, got -1"):
+        PQuantPDP(TinyDigitsNet(), MethodSpec(0.5, "unstructured", 0.5, 1.5, 8, options={"temperature": -1}), data.train_inputs[:2])
+    with pytest.raises(ValueError, match=r"CoreMLMagnitude has no option \['temperature'\]; its options: \[\]"):
+        CoreMLMagnitude(TinyDigitsNet(), spec, data.train_inputs[:2])

@@ -22,8 +22,9 @@ A grid is a TOML file (see `benchmarks/configs/`):
 Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
 `device` ("cuda"), and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields, and a
 `schedule` table of ScheduleConfig overrides) for PDP variants, `schedule` (its own `warmup_epochs`
-and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), and `seeds` (more
-seeds for the runs that a comparison hinges on than the grid's own).
+and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), `seeds` (more
+seeds for the runs that a comparison hinges on than the grid's own), and, with a `label`, `options`
+(a baseline's own settings, e.g. `options = { temperature = 3e-4 }` for `pquant_pdp`).
 
 A baseline listed at a structure it cannot do (see `BASELINES`, e.g. PQuantML's PDP at "2:4") is not
 run: the grid records it, and the summary table says "not supported" in its row.
@@ -79,9 +80,10 @@ class RunSpec:
     ramp_end_epoch: float
     pretrained: str | None = None
     pdp: dict[str, Any] = field(default_factory=dict)  # extra PruningConfig fields for PDP (temperature, ...)
-    label: str | None = None  # a name for a PDP variant, e.g. "pdp tau=0.1"
+    label: str | None = None  # a name for a variant, e.g. "pdp tau=0.1"
     train_limit: int | None = None  # use only the first examples of each split (smoke tests)
     device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)  # a baseline's own settings (MethodSpec.options)
 
     @property
     def name(self) -> str:
@@ -137,6 +139,14 @@ def load_grid(path: str | os.PathLike) -> Grid:
             if method in BASELINES and structure_kind(structure) not in BASELINES[method][0]:
                 unsupported += [(entry.get("label") or method, structure, float(sparsity)) for sparsity in sparsities]
                 continue
+            options = dict(entry.get("options", {}))
+            if options and method not in BASELINES:
+                raise ValueError(f"runs[{index}]: options are a baseline's own settings; {method!r} takes none (PDP's go under pdp = {{ ... }})")
+            if options and "label" not in entry:
+                raise ValueError(f"runs[{index}]: options make a variant: give it a label, e.g. label = \"{method} {next(iter(options))}\"")
+            allowed = getattr(BASELINES[method][1], "OPTIONS", ()) if options else ()
+            if set(options) - set(allowed):
+                raise ValueError(f"runs[{index}]: {method!r} has no option {sorted(set(options) - set(allowed))}; its options: {list(allowed)}")
             seeds = entry.get("seeds", config["seeds"])
             if not seeds or not all(isinstance(seed, int) for seed in seeds):
                 raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -147,7 +157,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
                         warmup_epochs, ramp_end_epoch,
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
-                        config.get("train_limit"), config.get("device", "cpu"),
+                        config.get("train_limit"), config.get("device", "cpu"), dict(options),
                     ))
     keys = [run.key for run in runs]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
@@ -168,7 +178,7 @@ def build_method(spec: RunSpec, model: nn.Module, example: Tensor, steps_per_epo
             "schedule": ScheduleConfig(steps_per_epoch=steps_per_epoch, **schedule), **overrides,
         })
         return PDPPruner(model, config, example_inputs=example)
-    return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
+    return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch, dict(spec.options)), example)
 
 
 def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path | None = None, progress: bool = False) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -22,6 +22,7 @@ class MethodSpec:
         warmup_epochs: dense training before pruning starts.
         ramp_end_epoch: when gradual methods reach the target.
         steps_per_epoch: optimizer steps per epoch.
+        options: the method's own settings, by the names in its `OPTIONS` (e.g. PQuantML's temperature).
     """
 
     sparsity: float
@@ -29,6 +30,7 @@ class MethodSpec:
     warmup_epochs: float
     ramp_end_epoch: float
     steps_per_epoch: int
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def start_step(self) -> int:
@@ -42,7 +44,12 @@ class MethodSpec:
 class Baseline:
     """A step counter with state; subclasses prune in `on_step` and bake masks in `finalize`."""
 
+    OPTIONS: ClassVar[tuple[str, ...]] = ()  # the names a MethodSpec's `options` may use
+
     def __init__(self, model: nn.Module, spec: MethodSpec) -> None:
+        unknown = sorted(set(spec.options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no option {unknown}; its options: {list(self.OPTIONS)}")
         self.model, self.spec = model, spec
         self.steps_done = 0
 

@@ -52,7 +52,12 @@ def _import_pquant():
 
 
 class PQuantPDP(Baseline):
-    """PQuantML's PDP on `model` (its layers are replaced in place until `finalize()`)."""
+    """PQuantML's PDP on `model` (its layers are replaced in place until `finalize()`).
+
+    Option `temperature`: PQuantML's absolute tau (its default, 1e-5, when not given).
+    """
+
+    OPTIONS = ("temperature",)
 
     def __init__(self, model: nn.Module, spec: MethodSpec, example_inputs: Tensor) -> None:
         super().__init__(model, spec)
@@ -69,6 +74,10 @@ class PQuantPDP(Baseline):
         config.pruning_parameters.sparsity = float(spec.sparsity)
         config.pruning_parameters.epsilon = 1.0 / (spec.ramp_end_epoch - spec.warmup_epochs + 1)
         config.pruning_parameters.structured_pruning = spec.structure == "channel"
+        temperature = spec.options.get("temperature", config.pruning_parameters.temperature)
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"PQuantML's temperature must be a number > 0, got {temperature!r}; its default is 1e-5")
+        config.pruning_parameters.temperature = float(temperature)
         if spec.structure == "channel":
             prunable = channel_producers(model, example_inputs, set(selected_weights(model)))
             config.pruning_parameters.disable_pruning_for_layers = sorted(set(layers) - prunable)
