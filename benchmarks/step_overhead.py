@@ -18,6 +18,11 @@ optimizer and pruner steps, and the host reads (`.item()` and the like) in each.
 PDP budgets are uniform here: global allocation at initialization can give a layer 100% sparsity,
 whose mask then costs nothing, which would flatter the measurement.
 
+The third-party peers (pip install 'pdprune[peers]') run through their pdprune adapters, as in the
+benchmark grids: PQuantML's PDP at its target (its full top-k and two-way softmax in every forward
+cost the same at any budget, so its global budgets are kept), and coremltools' MagnitudePruner with
+its mask recomputed at every step (as at each update of its ramp) and at its target (mask fixed).
+
 Writes benchmarks/results/step_overhead_<device>.json and .md (or `--out STEM`.json and .md).
 """
 
@@ -40,6 +45,7 @@ from torch.nn.utils import parametrize, prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig
+from pdprune.baselines import MethodSpec, build_baseline
 from pdprune.models import build_model
 from pdprune.models.transformer import EncoderLayer
 from pdprune.parametrizations import UnstructuredMask
@@ -159,6 +165,18 @@ def _pdp(structure: str, sparsity: float, compile_kernels: bool = True) -> Calla
     return attach
 
 
+def _peer(name: str, structure: str, sparsity: float, ramp_steps: int) -> Callable[[nn.Module, torch.Tensor], object]:
+    """A peer's pdprune adapter, pruning from the first step. With `ramp_steps`, one step per epoch and a
+    ramp that long: coremltools updates its mask at every step. Without, an epoch of 10^9 steps, so that
+    PQuantML's once-per-epoch hooks never run while timing (per real epoch, they cost one forward)."""
+
+    def attach(model: nn.Module, example: torch.Tensor) -> object:
+        steps_per_epoch = 1 if ramp_steps else 10**9
+        return build_baseline(name, model, MethodSpec(sparsity, structure, 0, ramp_steps, steps_per_epoch), example[:1])
+
+    return attach
+
+
 METHODS: dict[str, Callable[[nn.Module, torch.Tensor], object | None]] = {
     "dense": lambda model, example: None,
     "PDP 90%, straightforward": lambda model, example: StraightforwardPruner(model, 0.9),
@@ -166,6 +184,11 @@ METHODS: dict[str, Callable[[nn.Module, torch.Tensor], object | None]] = {
     "PDP 90%, eager kernels": _pdp("unstructured", 0.9, compile_kernels=False),
     "PDP 2:4": _pdp("2:4", 0.5),
     "PDP channel 50%": _pdp("channel", 0.5),
+    "PQuantML PDP 90%": _peer("pquant_pdp", "unstructured", 0.9, ramp_steps=0),
+    "PQuantML PDP channel 50%": _peer("pquant_pdp", "channel", 0.5, ramp_steps=0),
+    "coremltools Magnitude 90%, per step": _peer("coreml_magnitude", "unstructured", 0.9, ramp_steps=1000),
+    "coremltools Magnitude 2:4, per step": _peer("coreml_magnitude", "2:4", 0.5, ramp_steps=1000),
+    "coremltools Magnitude 90%, at target (mask fixed)": _peer("coreml_magnitude", "unstructured", 0.9, ramp_steps=0),
     "torch.ao WeightNorm 90%, per step (Linear only)": lambda model, example: TorchAOPerStep(model, 0.9),
     "torch.nn.utils.prune L1 90%, per step": lambda model, example: TorchPrune(model, 0.9),
     "fixed mask, never updated (floor of any mask)": lambda model, example: TorchPrune(model, 0.9, recompute=False),

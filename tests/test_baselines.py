@@ -59,7 +59,7 @@ def test_unknown_or_unsupported_baselines_are_refused():
         build_baseline("gmp", model, spec, torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"unknown baseline 'lottery'; choose one of"):
         build_baseline("lottery", model, spec, torch.randn(1, 1, 8, 8))
-    assert set(BASELINES) == {"gmp", "torch_ao", "oneshot", "torch_pruning", "srste"}
+    assert set(BASELINES) == {"gmp", "torch_ao", "oneshot", "torch_pruning", "srste", "pquant_pdp", "coreml_magnitude"}
 
 
 def test_torch_ao_cannot_prune_convolutions_and_says_so_without_linear_layers():

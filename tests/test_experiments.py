@@ -127,3 +127,32 @@ def test_runs_of_batchnorm_models_also_report_accuracy_with_fresh_statistics(tmp
     table = summarize([row], tmp_path, "bn")
     assert "BatchNorm re-estimated (%)" in table
     assert f"| {100 * row['accuracy_bn_recalibrated']['test']:.2f} |" in table
+
+
+def test_a_method_listed_at_a_structure_it_cannot_do_is_not_run_and_the_table_says_so(tmp_path):
+    entry = '[[runs]]\nmethods = ["pdp", "gmp", "srste"]\nstructure = "2:4"\n'
+    (tmp_path / "grid.toml").write_text(GRID + entry)
+    grid = load_grid(tmp_path / "grid.toml")
+    assert grid.unsupported == (("gmp", "2:4", 0.5),)
+    assert {(run.method, run.structure) for run in grid.runs if run.structure == "2:4"} == {("pdp", "2:4"), ("srste", "2:4")}
+    row = {"method": "pdp", "structure": "2:4", "target_sparsity": 0.5, "accuracy": {"test": 0.9}, "achieved_sparsity": 0.5, "train_seconds": 1.0}
+    table = summarize([row], tmp_path, "smoke", grid.unsupported)
+    assert "| 2:4 | gmp | - | not supported |  |  |" in table.splitlines()
+    assert "| 2:4 | pdp | 1 | 90.00 | 50.00% | 1 |" in table.splitlines()
+
+
+def test_a_baseline_variant_takes_the_peer_s_own_options_under_a_label(tmp_path):
+    entry = '[[runs]]\nmethods = ["pquant_pdp"]\nlabel = "pquant_pdp tau=3e-4"\noptions = { temperature = 3e-4 }\nsparsities = [0.8]\n'
+    (tmp_path / "grid.toml").write_text(GRID + entry)
+    runs = [run for run in load_grid(tmp_path / "grid.toml").runs if run.method == "pquant_pdp"]
+    assert {run.options["temperature"] for run in runs} == {3e-4} and runs[0].key == "digits-mlp-pquant_pdp_tau=3e-4-unstructured-0.8-seed0"
+    assert all(run.options == {} for run in load_grid(tmp_path / "grid.toml").runs if run.method != "pquant_pdp")
+    for bad, message in [
+        (entry.replace('label = "pquant_pdp tau=3e-4"\n', ""), r"runs\[3\]: options make a variant: give it a label"),
+        (entry.replace("temperature", "temprature"), r"runs\[3\]: 'pquant_pdp' has no option \['temprature'\]; its options: \['temperature'\]"),
+        (entry.replace('["pquant_pdp"]', '["gmp"]'), r"runs\[3\]: 'gmp' has no option \['temperature'\]; its options: \[\]"),
+        (entry.replace('["pquant_pdp"]', '["pdp"]'), r"runs\[3\]: options are a baseline's own settings; 'pdp' takes none \(PDP's go under pdp"),
+    ]:
+        (tmp_path / "bad.toml").write_text(GRID + bad)
+        with pytest.raises(ValueError, match=message):
+            load_grid(tmp_path / "bad.toml")

@@ -582,7 +582,8 @@ def command_bench(args: argparse.Namespace) -> int:
                          "(the run in progress resumes from its last finished epoch)")
     rows = run_grid(grid, out, args.data_dir, progress=not args.quiet, only=args.only)
     if rows:
-        print(summarize(rows, out, f"{grid.name}: {grid.config['dataset']} / {grid.config['model']}, {grid.config['train'].get('epochs')} epochs"))
+        print(summarize(rows, out, f"{grid.name}: {grid.config['dataset']} / {grid.config['model']}, {grid.config['train'].get('epochs')} epochs",
+                        grid.unsupported))
     print(f"{len(rows)} of {len(grid.runs)} runs done; results in {out / 'results.jsonl'}")
     return 0
 

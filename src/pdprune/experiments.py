@@ -22,8 +22,12 @@ A grid is a TOML file (see `benchmarks/configs/`):
 Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
 `device` ("cuda"), and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields, and a
 `schedule` table of ScheduleConfig overrides) for PDP variants, `schedule` (its own `warmup_epochs`
-and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), and `seeds` (more
-seeds for the runs that a comparison hinges on than the grid's own).
+and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), `seeds` (more
+seeds for the runs that a comparison hinges on than the grid's own), and, with a `label`, `options`
+(a baseline's own settings, e.g. `options = { temperature = 3e-4 }` for `pquant_pdp`).
+
+A baseline listed at a structure it cannot do (see `BASELINES`, e.g. PQuantML's PDP at "2:4") is not
+run: the grid records it, and the summary table says "not supported" in its row.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pdprune._version import __version__
-from pdprune.baselines import BASELINES, MethodSpec, build_baseline
+from pdprune.baselines import BASELINES, MethodSpec, build_baseline, structure_kind
 from pdprune.config import PruningConfig, parse_structure
 from pdprune.data import load_dataset, data_dir as resolve_data_dir
 from pdprune.models import build_model, load_pretrained
@@ -76,9 +80,10 @@ class RunSpec:
     ramp_end_epoch: float
     pretrained: str | None = None
     pdp: dict[str, Any] = field(default_factory=dict)  # extra PruningConfig fields for PDP (temperature, ...)
-    label: str | None = None  # a name for a PDP variant, e.g. "pdp tau=0.1"
+    label: str | None = None  # a name for a variant, e.g. "pdp tau=0.1"
     train_limit: int | None = None  # use only the first examples of each split (smoke tests)
     device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)  # a baseline's own settings (MethodSpec.options)
 
     @property
     def name(self) -> str:
@@ -92,9 +97,13 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class Grid:
+    """The runs of a grid file, and the (method name, structure, sparsity) cells it lists that the
+    method cannot do, which the summary marks "not supported"."""
+
     name: str
     runs: tuple[RunSpec, ...]
     config: dict[str, Any]
+    unsupported: tuple[tuple[str, str, float], ...] = ()
 
 
 def _checked_schedule(table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -122,7 +131,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     schedule = _checked_schedule(config.get("schedule", {}), "[schedule]")
     if not isinstance(config["runs"], list) or not config["runs"]:
         raise ValueError(f"grid {str(path)!r}: runs must be a non-empty list of [[runs]] tables")
-    runs = []
+    runs, unsupported = [], []
     for index, entry in enumerate(config["runs"]):
         if not entry.get("methods"):
             raise ValueError(f"runs[{index}]: give methods = [...], some of {list(METHODS)}")
@@ -144,6 +153,17 @@ def load_grid(path: str | os.PathLike) -> Grid:
             sparsities = [0.0] if method == "dense" else entry.get("sparsities", [1 - parsed[0] / parsed[1]] if isinstance(parsed, tuple) else None)
             if sparsities is None:
                 raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
+            if method in BASELINES and structure_kind(structure) not in BASELINES[method][0]:
+                unsupported += [(entry.get("label") or method, structure, float(sparsity)) for sparsity in sparsities]
+                continue
+            options = dict(entry.get("options", {}))
+            if options and method not in BASELINES:
+                raise ValueError(f"runs[{index}]: options are a baseline's own settings; {method!r} takes none (PDP's go under pdp = {{ ... }})")
+            if options and "label" not in entry:
+                raise ValueError(f"runs[{index}]: options make a variant: give it a label, e.g. label = \"{method} {next(iter(options))}\"")
+            allowed = getattr(BASELINES[method][1], "OPTIONS", ()) if options else ()
+            if set(options) - set(allowed):
+                raise ValueError(f"runs[{index}]: {method!r} has no option {sorted(set(options) - set(allowed))}; its options: {list(allowed)}")
             seeds = entry.get("seeds", config["seeds"])
             if not seeds or not all(isinstance(seed, int) for seed in seeds):
                 raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -154,7 +174,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
                         warmup_epochs, ramp_end_epoch,
                         config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
-                        config.get("train_limit"), config.get("device", "cpu"),
+                        config.get("train_limit"), config.get("device", "cpu"), dict(options),
                     ))
                     if method == "pdp":  # a bad setting fails here, not hours into the grid
                         try:
@@ -165,7 +185,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
         raise ValueError(f"grid {str(path)!r} has the same run twice: {duplicates[:3]}; give PDP variants a distinct label")
-    return Grid(config["name"], tuple(runs), config)
+    return Grid(config["name"], tuple(runs), config, tuple(unsupported))
 
 
 def pdp_config(spec: RunSpec, steps_per_epoch: int) -> PruningConfig:
@@ -184,7 +204,7 @@ def build_method(spec: RunSpec, model: nn.Module, example: Tensor, steps_per_epo
         return None
     if spec.method == "pdp":
         return PDPPruner(model, pdp_config(spec, steps_per_epoch), example_inputs=example)
-    return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch), example)
+    return build_baseline(spec.method, model, MethodSpec(spec.sparsity, spec.structure, spec.warmup_epochs, spec.ramp_end_epoch, steps_per_epoch, dict(spec.options)), example)
 
 
 def run_one(spec: RunSpec, data_dir: str | os.PathLike | None, checkpoint: Path | None = None, progress: bool = False) -> dict[str, Any]:
@@ -265,13 +285,21 @@ def run_grid(grid: Grid, out: Path, data_dir: str | os.PathLike | None, progress
     return [done[run.key] for run in grid.runs if run.key in done]
 
 
-def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
-    """Markdown table (mean ± std over seeds) and a plot of accuracy vs sparsity, one line per method."""
+def _setting(method: str, structure: str, sparsity: float) -> str:
+    """A table row's setting: "dense", "90%", "2:4" or "channel 50%"."""
+    if method == "dense":
+        return "dense"
+    return {"unstructured": f"{100 * sparsity:g}%", "channel": f"channel {100 * sparsity:g}%"}.get(structure, structure)
+
+
+def summarize(rows: list[dict[str, Any]], out: Path, title: str, unsupported: Sequence[tuple[str, str, float]] = ()) -> str:
+    """Markdown table (mean ± std over seeds) and a plot of accuracy vs sparsity, one line per method;
+    a "not supported" row for each (method, structure, sparsity) of `unsupported` (`Grid.unsupported`)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        setting = {"dense": "dense", "unstructured": f"{100 * row['target_sparsity']:g}%", "channel": f"channel {100 * row['target_sparsity']:g}%"}.get(
-            "dense" if row["method"] == "dense" else row["structure"], row["structure"])
-        groups[(setting, row["method"])].append(row)
+        groups[(_setting(row["method"], row["structure"], row["target_sparsity"]), row["method"])].append(row)
+    for method, structure, sparsity in unsupported:  # a placeholder with no results
+        groups[(_setting(method, structure, sparsity), method)] = [{"method": method, "structure": structure, "target_sparsity": sparsity}]
     splits = list(rows[0]["accuracy"]) if rows else []
 
     def mean_std(values: list[float]) -> str:
@@ -292,6 +320,9 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str) -> str:
         header += [f"{split}, BatchNorm re-estimated (%)" for split in splits]
     lines = [f"{title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (setting, method), members in groups.items():
+        if "accuracy" not in members[0]:
+            lines.append("| " + " | ".join([setting, method, "-", "not supported", *[""] * (len(header) - 4)]) + " |")
+            continue
         cells = [setting, method, str(len(members))]
         cells += [mean_std([100 * m["accuracy"][split] for m in members]) for split in splits]
         cells += [f"{100 * statistics.mean(m['achieved_sparsity'] for m in members):.2f}%", f"{statistics.mean(m['train_seconds'] for m in members):.0f}"]
@@ -321,6 +352,8 @@ def _plot(groups: dict[tuple, list[dict]], split: str | None, path: Path, title:
     by_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     dense = None
     for (setting, method), members in groups.items():
+        if "accuracy" not in members[0]:
+            continue  # not supported
         scores = [100 * m["accuracy"][split] for m in members]
         if method == "dense":
             dense = statistics.mean(scores)

@@ -363,17 +363,19 @@ def _channel_is_zero(module: nn.Module, channel: int) -> bool:
 
 
 def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -> tuple[int, int]:
-    """Multiply-accumulates of one forward pass on `example_inputs`, and the parameter count."""
-    tp = torch_pruning()
+    """Multiply-accumulates of one forward pass on `example_inputs` (half the floating-point operations
+    PyTorch's FlopCounterMode counts: every matrix product and convolution, attention's included, whatever
+    layer type runs it), and the parameter count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     try:
-        macs, parameters = tp.utils.count_ops_and_params(model, example_inputs, output_transform=first_tensor)
-    except TypeError:  # older Torch-Pruning: no output_transform
-        macs, parameters = tp.utils.count_ops_and_params(model, example_inputs)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
     finally:
         model.train(was_training)
-    return int(macs), int(parameters)
+    return counter.get_total_flops() // 2, sum(parameter.numel() for parameter in model.parameters())
 
 
 def save_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs, **metadata: Any) -> None:

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pdprune.baselines.base import Baseline, MethodSpec, selected_weights
-from pdprune.structure import find_structured_units
+from pdprune.baselines.base import Baseline, MethodSpec, channel_producers, selected_weights
 
 __all__ = ["TorchPruningChannels"]
 
@@ -26,8 +25,7 @@ class TorchPruningChannels(Baseline):
         import torch_pruning as tp
 
         layers = selected_weights(model)
-        units, _ = find_structured_units(model, example_inputs, set(layers))
-        prunable = {piece.module for unit in units if unit.kind == "channel" for piece in unit.scoring}
+        prunable = channel_producers(model, example_inputs, set(layers))
         ignored = [module for name, module in layers.items() if name not in prunable]
         self.events = max(1, round(spec.ramp_end_epoch - spec.warmup_epochs))  # one pruning step per ramp epoch
         was_training = model.training
