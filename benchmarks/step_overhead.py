@@ -346,7 +346,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="result files without suffix (default: benchmarks/results/step_overhead_<device>)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS), metavar="WORKLOAD")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
-    parser.add_argument("--compile", action="store_true", help=f"also time {', '.join(COMPILED)} under torch.compile")
+    parser.add_argument("--compile", action="store_true", help=f"also time {', '.join(COMPILED)} under torch.compile".replace("%", "%%"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -73,7 +73,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
         layer_type = layer_type_of(module, known)
         if layer_type is not None and layer_type.name in wanted and isinstance(getattr(module, "weight", None), nn.Parameter | Tensor):
             candidates[name] = module
-        elif _weight_bearing(module) and not isinstance(module, nn.modules.batchnorm._NormBase):
+        elif _weight_bearing(module) and not isinstance(module, nn.modules.batchnorm._NormBase | parametrize.ParametrizationList):
             why = (f"its type {type(module).__name__} is not a prunable layer type; declare its weight layout with "
                    "pdprune.register_layer_type and add it to module_types" if layer_type is None else
                    f"its layer type {layer_type.name!r} is not in module_types {list(config.module_types)}")

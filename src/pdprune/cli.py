@@ -204,7 +204,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                          help="override the structure for modules matching PATTERN, e.g. 'fc*=2:4' (repeatable)")
     pruning.add_argument("--on-incompatible", default="skip", choices=("skip", "error"),
                          help="layers that cannot hold their N:M pattern: skip with a warning, or fail (default: %(default)s)")
-    pruning.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="default: %(default)s")
+    pruning.add_argument("--allocation", default="lamp", choices=ALLOCATIONS,
+                         help="how the budget is split between layers: 'lamp' never empties a layer, 'global' is the paper's "
+                              "(default: %(default)s)")
     pruning.add_argument("--temperature", type=_positive, default=DEFAULT_TEMPERATURE, help="tau of the soft mask (default: %(default)s)")
     pruning.add_argument("--temperature-mode", default="relative", choices=TEMPERATURE_MODES, help="default: %(default)s")
     pruning.add_argument("--warmup-epochs", type=_non_negative, default=None,

@@ -44,9 +44,11 @@ class PruningConfig:
         structure: "unstructured", "channel" or an N:M pattern such as "2:4", for every selected layer.
         layer_structures: fnmatch pattern of module names -> structure, overriding `structure` for the
             modules it matches (the first matching pattern wins), e.g. {"fc*": "2:4"}.
-        allocation: "global" (one magnitude sort over all unstructured layers, the paper's way),
-            "uniform", or "lamp" (one sort of layer-adaptive scores: scale-free across layers and never
-            empties a layer; not in the paper). Channel groups are always pruned uniformly at `sparsity`.
+        allocation: how the unstructured budget is split between tensors: "lamp" (the default: one sort
+            of layer-adaptive magnitude scores, Lee et al. 2021; scale-free across layers and never empties
+            a layer), "global" (one sort of the magnitudes themselves, the paper's way: on standard
+            initializations it gives some layers 100%, e.g. all six query projections of a T5, an HF
+            ResNet's classifier), or "uniform". Channel groups are always pruned uniformly at `sparsity`.
         temperature: tau of the soft mask; relative to t^2 by default, absolute if `temperature_mode`
             is "absolute" (the paper's form; public code uses 1e-4 to 1e-5).
         temperature_mode: "relative" or "absolute".
@@ -71,7 +73,7 @@ class PruningConfig:
     sparsity: float = 0.9
     structure: str = "unstructured"
     layer_structures: dict[str, str] = field(default_factory=dict)
-    allocation: str = "global"
+    allocation: str = "lamp"
     temperature: float = DEFAULT_TEMPERATURE
     temperature_mode: str = "relative"
     include: tuple[str, ...] = ()

@@ -19,7 +19,9 @@ A grid is a TOML file (see `benchmarks/configs/`):
     structure = "unstructured"
     sparsities = [0.9, 0.95]
 
-Optional: `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
+Optional: a `[pdp]` table of PruningConfig fields for every PDP entry (the grids recorded before LAMP
+became the default allocation pin the paper's `allocation = "global"` there, so that they rerun as
+recorded), `pretrained` (a weights file under the data directory), `train_limit` (first examples only),
 `device` ("cuda"), and per `[[runs]]` entry `label` and `pdp` (extra PruningConfig fields, and a
 `schedule` table of ScheduleConfig overrides) for PDP variants, `schedule` (its own `warmup_epochs`
 and `ramp_end_epoch`, for every method of the entry: a baseline on PDP's schedule), `seeds` (more
@@ -173,7 +175,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
                         config["dataset"], config["model"], method, structure, float(sparsity), int(seed),
                         TrainConfig(**{**asdict(train_config), "seed": int(seed)}),
                         warmup_epochs, ramp_end_epoch,
-                        config.get("pretrained"), dict(entry.get("pdp", {})) if method == "pdp" else {}, entry.get("label"),
+                        config.get("pretrained"), _pdp_settings(config, entry) if method == "pdp" else {}, entry.get("label"),
                         config.get("train_limit"), config.get("device", "cpu"), dict(options),
                     ))
                     if method == "pdp":  # a bad setting fails here, not hours into the grid
@@ -186,6 +188,13 @@ def load_grid(path: str | os.PathLike) -> Grid:
     if duplicates:
         raise ValueError(f"grid {str(path)!r} has the same run twice: {duplicates[:3]}; give PDP variants a distinct label")
     return Grid(config["name"], tuple(runs), config, tuple(unsupported))
+
+
+def _pdp_settings(config: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """PDP's PruningConfig fields for an entry: the grid's [pdp] table, then the entry's own `pdp`."""
+    grid, own = dict(config.get("pdp", {})), dict(entry.get("pdp", {}))
+    schedule = {**grid.pop("schedule", {}), **own.pop("schedule", {})}
+    return {**grid, **own, **({"schedule": schedule} if schedule else {})}
 
 
 def pdp_config(spec: RunSpec, steps_per_epoch: int) -> PruningConfig:
