@@ -148,10 +148,16 @@ class PruningConfig:
         return next((s for p, s in self.layer_structures.items() if fnmatch.fnmatchcase(module_name, p)), self.structure)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain values (the schedule as a nested dict), for JSON and checkpoints."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PruningConfig:
+        """A config from `to_dict()`'s output (a pruner state's `"config"`) or a hand-written dict.
+
+        Raises:
+            ValueError: an unknown field (the valid ones are listed), or a value the config refuses.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -24,6 +24,7 @@ class LayerSparsity:
 
     @property
     def sparsity(self) -> float:
+        """The fraction of this tensor's entries that are exactly zero."""
         return self.zeros / self.parameters
 
 
@@ -54,23 +55,28 @@ class SparsityReport:
 
     @property
     def parameters(self) -> int:
+        """Entries of all listed tensors."""
         return sum(layer.parameters for layer in self.layers)
 
     @property
     def zeros(self) -> int:
+        """Exact zeros in all listed tensors."""
         return sum(layer.zeros for layer in self.layers)
 
     @property
     def sparsity(self) -> float:
+        """The fraction of the listed tensors' entries that are exactly zero."""
         return self.zeros / max(self.parameters, 1)
 
     @property
     def target(self) -> float | None:
+        """The budgets' overall sparsity (weighted by tensor size), or None outside a pruner's report."""
         if any(layer.target is None for layer in self.layers):
             return None
         return sum(layer.target * layer.parameters for layer in self.layers) / max(self.parameters, 1)
 
     def to_dict(self) -> dict:
+        """The report as plain values (per tensor, totals, groups, skipped layers), for JSON."""
         return {
             "layers": [asdict(layer) | {"sparsity": layer.sparsity} for layer in self.layers],
             "parameters": self.parameters,

@@ -170,27 +170,34 @@ class Schedule:
 
     @property
     def epoch(self) -> float:
+        """Epochs done so far, fractional: `steps_done / steps_per_epoch`."""
         return self.steps_done / self.config.steps_per_epoch
 
     @property
     def in_warmup(self) -> bool:
+        """True while no mask applies yet (before `warmup_epochs`)."""
         return self.epoch < self.config.warmup_epochs
 
     @property
     def ramp_fraction(self) -> float:
+        """The fraction of each budget applied now (`ScheduleConfig.ramp_fraction` at the current epoch)."""
         return self.config.ramp_fraction(self.epoch)
 
     @property
     def temperature_factor(self) -> float:
+        """What tau is multiplied by now: 1, or less while annealing."""
         return self.config.temperature_factor(self.epoch)
 
     def step(self) -> None:
+        """Count one more `PDPPruner.step()`."""
         self.steps_done += 1
 
     def state_dict(self) -> dict[str, int | None]:
+        """Steps done and the epoch of the last allocation: all a resumed schedule needs."""
         return {"steps_done": self.steps_done, "allocated_epoch": self.allocated_epoch}
 
     def load_state_dict(self, state: Mapping[str, int | None]) -> None:
+        """Continue from `state_dict()`."""
         self.steps_done = int(state["steps_done"])
         self.allocated_epoch = state.get("allocated_epoch")
 

@@ -27,10 +27,17 @@ LR_SCHEDULES = ("cosine", "constant")
 class PruningMethod(Protocol):
     """What the loop needs of a pruning method: PDP's pruner and every baseline fit it."""
 
-    def step(self) -> None: ...
-    def finalize(self) -> nn.Module: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def step(self) -> None:
+        """Advance the method's schedule; called after every optimizer step."""
+
+    def finalize(self) -> nn.Module:
+        """Leave the model at its final sparsity, as plain weights, and return it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state (numbers, strings, tensors), for checkpoints."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()`."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ def evaluate_splits(model: nn.Module, dataset: Dataset) -> dict[str, float]:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
+    """Whether `model` has a BatchNorm layer (whose statistics a hard cut can leave stale)."""
     return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
 
 

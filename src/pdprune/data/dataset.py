@@ -34,10 +34,12 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one example, without the batch: (1, 8, 8) for the digits, (64,) token ids for SST-2."""
         return tuple(self.train_inputs.shape[1:])
 
     @property
     def primary_evaluation(self) -> str:
+        """The name of the first evaluation split, the one reported first (e.g. "test")."""
         return next(iter(self.evaluations))
 
     def steps_per_epoch(self, batch_size: int) -> int:

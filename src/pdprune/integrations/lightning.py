@@ -39,6 +39,11 @@ class PDPCallback(L.Callback):
         self.pruner: PDPPruner | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Attach the pruner when fitting starts, with `steps_per_epoch` from the trainer's estimated steps.
+
+        Raises:
+            ValueError: the trainer has no `max_epochs`.
+        """
         if stage != "fit" or self.pruner is not None:
             return
         if trainer.max_epochs is None or trainer.max_epochs < 1:
@@ -49,24 +54,29 @@ class PDPCallback(L.Callback):
         self.pruner = PDPPruner(target, config, example_inputs=self.example_inputs)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Step the schedule once per optimizer step taken (none on a batch that only accumulates gradients)."""
         while self.pruner is not None and not self.pruner.finalized and self.pruner.schedule.steps_done < trainer.global_step:
             self.pruner.step()  # one step per optimizer step, also under gradient accumulation
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log each unit's current sparsity as `pdprune/sparsity/<unit>`."""
         if self.pruner is None or self.pruner.finalized:
             return
         metrics = {f"pdprune/sparsity/{name}": self.pruner.current_sparsity(name) for name in self.pruner.units}
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Finalize: bake the hard masks into plain weights, and log the final sparsity."""
         if self.pruner is not None and not self.pruner.finalized:
             self.pruner.finalize()
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"pdprune/final_sparsity": self.pruner.report().sparsity}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
+        """The pruner's state for Lightning's checkpoint (empty once finalized)."""
         return {} if self.pruner is None or self.pruner.finalized else self.pruner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the pruner from a Lightning checkpoint (the pruner was attached in `setup`)."""
         if state_dict and self.pruner is not None:
             self.pruner.load_state_dict(state_dict)

@@ -42,6 +42,12 @@ class PDPTrainerCallback(TrainerCallback):
         self.pruner = PDPPruner(model, self.config, example_inputs=example_inputs)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, train_dataloader=None, **kwargs) -> None:
+        """Derive `steps_per_epoch` from the dataloader if it was left at 1; when resuming, load the pruner
+        state saved next to the checkpoint.
+
+        Raises:
+            FileNotFoundError: resuming from a checkpoint that has no `pdprune_pruner.json`.
+        """
         if self.config.schedule.steps_per_epoch == 1 and train_dataloader is not None:
             self.pruner.reschedule(max(1, len(train_dataloader) // args.gradient_accumulation_steps))
         if state.global_step > 0:  # resuming: the Trainer has loaded the weights and its own state
@@ -51,10 +57,12 @@ class PDPTrainerCallback(TrainerCallback):
             self.pruner.load_state_dict(json.loads(path.read_text()))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Step the schedule after every optimizer step."""
         if not self.pruner.finalized:
             self.pruner.step()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Write the pruner state as `pdprune_pruner.json` into the checkpoint folder (main process, atomically)."""
         if self.pruner.finalized or not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -64,10 +72,12 @@ class PDPTrainerCallback(TrainerCallback):
         os.replace(temporary, folder / STATE_FILE)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs) -> None:
+        """Add the mean current sparsity of the units to the logs as `pdprune/sparsity`."""
         if logs is not None and not self.pruner.finalized:
             units = list(self.pruner.units)
             logs["pdprune/sparsity"] = sum(self.pruner.current_sparsity(name) for name in units) / max(len(units), 1)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Finalize: bake the hard masks into plain weights."""
         if not self.pruner.finalized:
             self.pruner.finalize()
