@@ -48,7 +48,7 @@ from pdprune import PDPPruner, PruningConfig, ScheduleConfig
 from pdprune.baselines import MethodSpec, build_baseline
 from pdprune.models import build_model
 from pdprune.models.transformer import EncoderLayer
-from pdprune.parametrizations import UnstructuredMask
+from pdprune.masks import midpoint_threshold, pruned_count, temperature_for
 
 RESULTS = Path(__file__).parent / "results"
 AT_TARGET = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)
@@ -103,20 +103,26 @@ COMPILED = ("dense", "PDP 90%", "PDP 2:4", "PDP channel 50%")
 """The methods that `--compile` also measures under torch.compile (the peers' masks are eager code)."""
 
 
-class StraightforwardPDP(UnstructuredMask):
-    """PDP as first written (and kept as the tests' oracle): a full sort for t, the soft mask by autograd."""
+class StraightforwardPDP(nn.Module):
+    """PDP as first written (and kept as the tests' oracle): a full sort for t at every forward, the soft
+    mask by autograd, tau relative to t^2."""
+
+    def __init__(self, sparsity: float, temperature: float = 0.05) -> None:
+        super().__init__()
+        self.sparsity, self.temperature = sparsity, temperature
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.soft_mask(weight, self.sparsity)
+        squared = weight.detach().square().reshape(-1)
+        threshold = midpoint_threshold(squared, pruned_count(self.sparsity, squared.numel()))
+        tau = temperature_for(threshold, self.temperature, relative=True)
+        return weight * torch.sigmoid((weight.square() - threshold.square()) / tau)
 
 
 class StraightforwardPruner:
     def __init__(self, model: nn.Module, sparsity: float) -> None:
         for module in model.modules():
             if isinstance(module, PRUNABLE):
-                mask = StraightforwardPDP(0.05, True)
-                mask.sparsity = sparsity
-                parametrize.register_parametrization(module, "weight", mask)
+                parametrize.register_parametrization(module, "weight", StraightforwardPDP(sparsity))
 
     def step(self) -> None:
         pass

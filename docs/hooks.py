@@ -2,8 +2,6 @@
 
 - Plots come from `benchmarks/results/` as they are: each PNG there is added to the site under
   `results/` (no copy in docs/), so a rerun of a benchmark updates the page.
-- A result file that a benchmark has not written yet (listed in PENDING_RESULTS) is shown as a note
-  that says so, instead of failing the build; every other `--8<--` include must exist.
 - Every public name is documented: each name in the `__all__` of a module of the API reference
   (and every public function, method and property of an exported class) needs a docstring, and
   must appear on an API page.
@@ -21,9 +19,6 @@ log = logging.getLogger("mkdocs.plugins.pdprune")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PENDING_RESULTS = {"benchmarks/results/hf_structured.md"}
-"""Result files being (re)generated: shown as 'not measured yet' until they exist."""
-INCLUDE = re.compile(r'^(?P<indent>\s*)--8<-- "(?P<path>[^"]+)"\s*$', re.MULTILINE)
 API_DIRECTIVE = re.compile(r"^::: ([\w.]+)", re.MULTILINE)
 
 
@@ -32,16 +27,6 @@ def on_files(files, config):
     for path in sorted(RESULTS.rglob("*.png")):
         files.append(File.generated(config, f"results/{path.relative_to(RESULTS).as_posix()}", abs_src_path=str(path)))
     return files
-
-
-def on_page_markdown(markdown, page, config, files):
-    def include(match: re.Match) -> str:
-        path = match.group("path")
-        if (ROOT / path).is_file() or path not in PENDING_RESULTS:
-            return match.group(0)  # snippets includes it, or fails the build on a missing file
-        return f'{match.group("indent")}!!! note "Not measured yet"\n{match.group("indent")}    `{path}` is written by the command above; it has not run on this version yet.'
-
-    return INCLUDE.sub(include, markdown)
 
 
 def _public_modules() -> list[str]:
