@@ -348,6 +348,10 @@ def summarize(rows: list[dict[str, Any]], out: Path, title: str, unsupported: Se
     return table
 
 
+CHART_DEPTH = 10.0
+"""A method with a point more than this many points below dense is left off the plot (and named on it)."""
+
+
 def _plot(groups: dict[tuple, list[dict]], split: str | None, path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -369,12 +373,17 @@ def _plot(groups: dict[tuple, list[dict]], split: str | None, path: Path, title:
         elif members[0]["structure"] == "unstructured":  # at the sparsity reached, not the one asked for
             reached = 100 * statistics.mean(m["achieved_sparsity"] for m in members)
             by_method[method].append((reached, statistics.mean(scores), statistics.pstdev(scores)))
+    below = sorted(m for m, points in by_method.items() if dense is not None and any(p[1] < dense - CHART_DEPTH for p in points))
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for method, points in sorted(by_method.items()):
-        points.sort()
-        axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
+        if method not in below:  # a diverged run would squash every other curve into a line
+            points.sort()
+            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
     if dense is not None:
         axis.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    if below:
+        axis.text(0.01, 0.01, f"left out, more than {CHART_DEPTH:g} points below dense: {', '.join(below)} (in the table)",
+                  transform=axis.transAxes, fontsize=7)
     axis.set_xlabel("sparsity reached, unstructured (%)")
     axis.set_ylabel(f"{split} accuracy (%)")
     axis.set_title(textwrap.fill(title, 70), fontsize=8)
