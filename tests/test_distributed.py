@@ -110,12 +110,13 @@ def test_ddp_ranks_agree_match_one_process_and_resume_at_another_world_size(tmp_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _twins(scale: float) -> nn.Module:
-    """Two layers of one shape and init, the first scaled: global allocation splits the budget by magnitude."""
+def _twins(power: float) -> nn.Module:
+    """Two layers of one shape and init, the first's magnitudes raised to a power: a heavier tail changes
+    how the default (LAMP) allocation splits the budget between them, as a scale would for the global one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
     with torch.no_grad():
-        model[0].weight.mul_(scale)
+        model[0].weight.copy_(model[0].weight.sign() * model[0].weight.abs().pow(power))
     return model
 
 
@@ -124,7 +125,7 @@ def _budgets_worker(rank: int, world: int, init_file: str, out: str) -> None:
     rank prunes by budgets that add up to another sparsity than the others'."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = _twins(scale=1.0 + 2.0 * rank)  # rank 1's first layer is 3x larger: on its own, it would keep more of it
+    model = _twins(power=1.0 + 2.0 * rank)  # rank 1's first layer is heavier-tailed: on its own, it would prune it otherwise
     pruner = PDPPruner(model, CONFIG)
     for _ in range(2):  # the warm-up ends: the budgets are allocated
         pruner.step()
@@ -140,11 +141,11 @@ def test_ranks_that_start_different_still_prune_with_rank_0_s_budgets(tmp_path):
     mp.spawn(_budgets_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     targets = torch.load(tmp_path / "budgets.pt", weights_only=True)["targets"]
     alone = {}
-    for scale in (1.0, 3.0):
-        pruner = PDPPruner(_twins(scale), CONFIG)
+    for power in (1.0, 3.0):
+        pruner = PDPPruner(_twins(power), CONFIG)
         for _ in range(2):
             pruner.step()
-        alone[scale] = {layer.name: layer.target for layer in pruner.report().layers}
+        alone[power] = {layer.name: layer.target for layer in pruner.report().layers}
     assert alone[1.0] != alone[3.0], "the two ranks' weights alone give different budgets"
     assert targets[0] == alone[1.0], "rank 0 allocates as one process would"
     assert targets[1] == targets[0], "rank 1 uses rank 0's budgets, not its own weights' ones"

@@ -261,3 +261,24 @@ def test_a_weight_changed_outside_the_optimizer_is_refreshed_in_the_next_eager_f
         layer.parametrizations.weight.original.mul_(1.5).add_(torch.randn(64, 64))
     assert mask.is_stale(layer.parametrizations.weight.original)
     torch.testing.assert_close(layer.weight, _reference_forward(mask, layer.parametrizations.weight.original))
+
+
+def test_a_large_nm_layer_takes_the_compiled_kernels_and_computes_what_the_eager_ones_do():
+    """Above COMPILE_FROM weights, 1/tau of every group comes from one fused kernel: same values, same gradient."""
+    weight = torch.randn(512, 1024, dtype=torch.float32)
+    results = []
+    for compiled in (False, True):
+        mask = NMMask(2, 4, weight, 0.05, True, compile_kernels=compiled)
+        assert mask._compiled(weight) == compiled
+        mask.sparsity = 0.5
+        with torch.no_grad():
+            mask.threshold_squared.copy_(mask.threshold_squares(weight))
+        leaf = weight.clone().requires_grad_()
+        out = mask._masked(leaf)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), leaf.grad))
+    (eager_out, eager_grad), (fast_out, fast_grad) = results
+    torch.testing.assert_close(fast_out, eager_out, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast_grad, eager_grad, rtol=1e-5, atol=1e-6)
+    expected = weight * NMMask(2, 4, weight, 0.05, True, compile_kernels=False).soft_mask(weight, 0.5)
+    torch.testing.assert_close(fast_out, expected, rtol=1e-5, atol=1e-6)

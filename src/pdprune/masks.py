@@ -145,16 +145,21 @@ def soft_mask(
     return slope + (mask - slope).detach()
 
 
-def inverse_temperature(threshold_squared: Tensor, temperature: Tensor | float, relative: bool) -> Tensor:
+def inverse_temperature(threshold_squared: Tensor, temperature: Tensor | float, relative: bool, compiled: bool = False) -> Tensor:
     """1 / tau for each threshold, finite and above 0, so that m = sigmoid((s - t^2) * (1 / tau)) costs a
     multiply, not a divide, and the sentinels t^2 = -inf (m = 1) and +inf (m = 0) give no NaN.
 
     Args:
         threshold_squared: t^2, any shape (one per threshold).
         temperature: tau / t^2 if `relative`, else tau (a number or a tensor that broadcasts).
+        compiled: one fused kernel instead of four passes (worth it for one threshold per N:M group).
     Returns:
         A tensor of the shape of `threshold_squared`.
     """
+    return (_INVERSE if compiled else _inverse_temperature)(threshold_squared, temperature, relative)
+
+
+def _inverse_temperature(threshold_squared: Tensor, temperature: Tensor | float, relative: bool) -> Tensor:
     finite = torch.finfo(threshold_squared.dtype)
     if relative:
         tau = temperature * threshold_squared
@@ -360,6 +365,7 @@ class _Kernel:
 
 _FORWARD, _BACKWARD = _Kernel(_masked_weight_forward), _Kernel(_masked_weight_backward)
 _BACKWARD_SURROGATE, _BAND, _GROUPS = _Kernel(_masked_weight_backward_surrogate), _Kernel(_band_rows), _Kernel(_group_threshold_squares)
+_INVERSE = _Kernel(_inverse_temperature)
 
 
 def hard_keep_mask(squared_scores: Tensor, pruned: int) -> Tensor:

@@ -120,16 +120,19 @@ class MaskState(nn.Module):
                     self.slope_inverse_tau.copy_(inverse_temperature(self.threshold_squared, self._gradient_temperature, self.relative_temperature))
         self.coefficients_stale = False
 
-    def coefficients(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """t^2, 1 / tau of the mask now, and 1 / tau of the backward's slope with a soft gradient (else None)."""
+    def coefficients(self, compiled: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """t^2, 1 / tau of the mask now, and 1 / tau of the backward's slope with a soft gradient (else None);
+        with one threshold per group, `compiled` computes each 1 / tau in one fused kernel."""
         if self._scalar:
             if self.coefficients_stale and not _is_compiling():
                 self.update_coefficients()
             return self.threshold_squared, self.inverse_tau, self.slope_inverse_tau
-        inverse_tau = inverse_temperature(self.threshold_squared, self.temperature_value, self.relative_temperature)
+        compiled = compiled and not _is_compiling()  # inside a compiled model, the model's graph fuses it
+        inverse_tau = inverse_temperature(self.threshold_squared, self.temperature_value, self.relative_temperature, compiled)
         if self.gradient_temperature_value is None:
             return self.threshold_squared, inverse_tau, None
-        return self.threshold_squared, inverse_tau, inverse_temperature(self.threshold_squared, self.gradient_temperature_value, self.relative_temperature)
+        return self.threshold_squared, inverse_tau, inverse_temperature(
+            self.threshold_squared, self.gradient_temperature_value, self.relative_temperature, compiled)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         self.current_sparsity.fill_(self._sparsity)  # written when saved, not at every step
@@ -327,7 +330,7 @@ class NMMask(SoftMask):
         return f"{self.n}:{self.m}"
 
     def _masked(self, weight: Tensor) -> Tensor:
-        threshold_squared, inverse_tau, slope_inverse_tau = self.coefficients()  # (groups, 1, positions) each
+        threshold_squared, inverse_tau, slope_inverse_tau = self.coefficients(self._compiled(weight))  # (groups, 1, positions) each
         groups = group_along_inputs(weight, self.m, self.input_dim)  # (groups, m, positions), a view
         masked = masked_weight(
             groups, threshold_squared, inverse_tau, gradient_inverse_tau=slope_inverse_tau,

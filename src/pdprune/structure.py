@@ -305,7 +305,8 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
             elif candidate.kind == "head":
                 skipped[candidate.name] = "removing these heads changes the model's outputs (e.g. a position bias shared with other layers)"
             else:
-                skipped[candidate.name] = "Torch-Pruning cannot remove these channels exactly (e.g. a zero-padded shortcut)"
+                skipped[candidate.name] = ("Torch-Pruning cannot remove these channels exactly: removing them changes the model's outputs "
+                                           "(e.g. a zero-padded shortcut, or channels that are themselves an output, such as a classifier's)")
         candidates = safe
     return candidates, skipped
 
