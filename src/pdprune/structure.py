@@ -305,8 +305,8 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
             elif candidate.kind == "head":
                 skipped[candidate.name] = "removing these heads changes the model's outputs (e.g. a position bias shared with other layers)"
             else:
-                skipped[candidate.name] = ("Torch-Pruning cannot remove these channels exactly: removing them changes the model's outputs "
-                                           "(e.g. a zero-padded shortcut, or channels that are themselves an output, such as a classifier's)")
+                skipped[candidate.name] = ("Torch-Pruning cannot remove these channels exactly: removing them changes the outputs of the model "
+                                           "(e.g. a zero-padded shortcut, or channels that are themselves an output, such as those of a classifier)")
         candidates = safe
     return candidates, skipped
 
