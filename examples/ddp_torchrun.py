@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     del ddp                                                    # DDP's reducer holds the process group: release it first
     dist.barrier()
     dist.destroy_process_group()
-    if rank == 0:
-        print(report.table())
-    print(json.dumps(result), flush=True)
+    table = report.table() + "\n" if rank == 0 else ""
+    sys.stdout.write(f"{table}{json.dumps(result)}\n")  # one write: ranks share stdout, and print() under
+    sys.stdout.flush()                                   # PYTHONUNBUFFERED writes a line and its newline apart
     return result
 
 
