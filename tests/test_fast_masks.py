@@ -46,15 +46,15 @@ def test_order_statistics_equal_the_sort_even_with_ties(rows, numel, data):
 
 
 @settings(max_examples=40, deadline=None)
-@given(numel=st.integers(65, 5000), sparsity=st.floats(0.05, 0.95), width=st.floats(1e-3, 0.5), seed=st.integers(0, 999))
-def test_band_order_statistics_are_exact_or_say_they_missed(numel, sparsity, width, seed):
+@given(numel=st.integers(65, 5000), sparsity=st.floats(0.05, 0.95), width=st.floats(1e-3, 0.5), seed=st.integers(0, 999), fused=st.booleans())
+def test_band_order_statistics_are_exact_or_say_they_missed(numel, sparsity, width, seed, fused):
     weight = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
     weight[::7] = weight[3]  # ties
     squares = weight.square()
     pruned = max(1, min(numel - 1, round(sparsity * numel)))
     a, b = _sorted_pair(squares, pruned)
     centre = float((a + b) / 2) * (1 + (seed % 5 - 2) * width / 3)  # sometimes off-centre: may miss
-    result = band_order_statistics(weight, pruned, centre * (1 - width), centre * (1 + width))
+    result = band_order_statistics(weight, pruned, centre * (1 - width), centre * (1 + width), fused=fused)
     inside = centre * (1 - width) <= float(a) and float(b) <= centre * (1 + width)
     if not inside:
         assert result is None
@@ -108,13 +108,17 @@ def test_an_annealed_temperature_does_not_recompile_the_kernels(relative):
     assert graphs[1:] == graphs[:1] * 3  # compiled once (forward and backward), then reused at every temperature
 
 
-def test_grouped_thresholds_broadcast_in_the_fused_function():
+@pytest.mark.parametrize("compiled", [False, True, "in a compiled graph"])
+def test_grouped_thresholds_broadcast_in_the_fused_function(compiled):
     groups = torch.randn(10, 5, 4, dtype=torch.float64, requires_grad=True)
-    t = midpoint_threshold(groups.detach().square(), 2)
+    t = midpoint_threshold(groups.detach().square(), 2)  # (10, 5, 1): one threshold per group
     tau = temperature_for(t, 0.05, True)
-    fast = _masked(groups, t, 0.05, True)
-    torch.testing.assert_close(fast, groups * soft_mask(groups.square(), t, tau))
-    assert torch.autograd.gradcheck(lambda w: _masked(w, t, 0.05, True), (groups,))
+    if compiled == "in a compiled graph":
+        function = torch.compile(lambda w: _masked(w, t, 0.05, True), fullgraph=True, dynamic=False)
+    else:
+        function = lambda w: _masked(w, t, 0.05, True, compiled=compiled)  # noqa: E731
+    reference_w = groups.detach().clone().requires_grad_()
+    _assert_same_values_and_gradients(function(groups), groups, reference_w * soft_mask(reference_w.square(), t, tau), reference_w)
 
 
 def _reference_forward(mask, weight):

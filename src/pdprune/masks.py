@@ -89,26 +89,32 @@ def _band_rows(rows: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor,
     return counts_below, inside.to(rows.dtype).sum(dim=1), torch.where(inside, squares, torch.inf).amin(dim=1)
 
 
-def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float) -> tuple[Tensor, Tensor, int] | None:
+def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float, fused: bool = True) -> tuple[Tensor, Tensor, int] | None:
     """The same two order statistics of the squared weights (and the band's size) when both lie in
     [low, high], else None.
 
     Weights move little per training step, so a narrow band around the last threshold holds the new
-    one. One fused pass counts the squares below the band and finds, per row of 64 weights, how many
-    fall inside and the smallest; rows holding one band value give it directly, the few holding more
-    are gathered. Exact (the very values a sort would give), for about the cost of one pass.
+    one: counting the squares below it and sorting the few inside gives the very values a sort would,
+    in passes without a branch on the data (a selection's comparisons are unpredictable branches, which
+    make it cost several times a pass from a few ten thousand weights up). With `fused`, one compiled
+    pass counts the squares below the band and finds, per row of 64 weights, how many fall inside and
+    the smallest; rows holding one band value give it directly, the few holding more are gathered.
     """
     flat = weight.detach().reshape(-1)
-    body = flat.numel() - flat.numel() % BAND_ROW
-    low_t, high_t = torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype)
-    below_per_row, counts, minimums = _BAND(flat[:body].view(-1, BAND_ROW), low_t, high_t)  # (r,) each
-    below = below_per_row.sum(dtype=torch.float64)  # exact: integers far below 2^53
-    crowded = (counts > 1).nonzero().squeeze(1)
-    crowded_squares = flat[:body].view(-1, BAND_ROW)[crowded].square().reshape(-1)
-    tail = flat[body:].square()
-    candidates = torch.cat([minimums[counts == 1], crowded_squares, tail])
+    if fused:
+        body = flat.numel() - flat.numel() % BAND_ROW
+        low_t, high_t = torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype)
+        below_per_row, counts, minimums = _BAND(flat[:body].view(-1, BAND_ROW), low_t, high_t)  # (r,) each
+        crowded = (counts > 1).nonzero().squeeze(1)
+        crowded_squares = flat[:body].view(-1, BAND_ROW)[crowded].square().reshape(-1)
+        tail = flat[body:].square()
+        candidates = torch.cat([minimums[counts == 1], crowded_squares, tail])
+        below = int(below_per_row.sum(dtype=torch.float64)) + int((tail < low).sum())  # exact: integers far below 2^53
+    else:
+        candidates = flat.square()
+        below = int((candidates < low).sum())
     band = candidates[(candidates >= low) & (candidates <= high)].sort().values
-    rank = pruned - int(below) - int((tail < low).sum())  # position of the largest pruned inside the band
+    rank = pruned - below  # position of the largest pruned inside the band
     if rank < 1 or rank + 1 > band.numel():
         return None
     return band[rank - 1 : rank], band[rank : rank + 1], band.numel()
@@ -300,7 +306,7 @@ def masked_weight(
         w * m(w), the shape of `weight`.
     """
     if torch.compiler.is_compiling():
-        return _masked_weight_expression(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
+        return _spread(_masked_weight_expression)(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
     return _MaskedWeight.apply(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, compiled)
 
 
@@ -311,13 +317,16 @@ def group_threshold_squares(groups: Tensor, pruned: int, dim: int, compiled: boo
 
 
 def _group_threshold_squares(groups: Tensor, pruned: int, dim: int) -> Tensor:
-    """Through an odd-even transposition sorting network: elementwise minimum/maximum only, so it
-    vectorizes where a sort along a tiny dimension does not."""
-    columns = [column * column for column in groups.unbind(dim)]
+    """Through an odd-even transposition sorting network on magnitudes: `where` on a comparison only, so
+    it vectorizes where a sort along a tiny dimension does not, and compiles to code without a branch
+    on the data (as minimum/maximum do not: their NaN checks are branches). Magnitudes, not squares:
+    sqrt(x * x) == |x| in binary floating point (barring underflow), so t is the same, without a square root."""
+    columns = [column.abs() for column in groups.unbind(dim)]
     for round_ in range(len(columns)):
         for i in range(round_ % 2, len(columns) - 1, 2):
-            columns[i], columns[i + 1] = torch.minimum(columns[i], columns[i + 1]), torch.maximum(columns[i], columns[i + 1])
-    return ((columns[pruned - 1].sqrt() + columns[pruned].sqrt()) / 2).square().unsqueeze(dim)
+            smaller = columns[i] < columns[i + 1]
+            columns[i], columns[i + 1] = torch.where(smaller, columns[i], columns[i + 1]), torch.where(smaller, columns[i + 1], columns[i])
+    return ((columns[pruned - 1] + columns[pruned]) / 2).square().unsqueeze(dim)
 
 
 def batched_order_statistics(squares: Sequence[Tensor], pruned: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -341,6 +350,20 @@ def batched_order_statistics(squares: Sequence[Tensor], pruned: Sequence[int]) -
     ordered = (keys.sort().values & 0xFFFFFFFF).to(torch.int32).view(torch.float32)  # (N,) per tensor, ascending
     starts = torch.tensor([sum(sizes[:i]) + count - 1 for i, count in enumerate(pruned)], device=device)  # (T,)
     return ordered[starts], ordered[starts + 1]
+
+
+def _spread(function):
+    """`function` of a weight-shaped first argument over flattened tensors, with per-group coefficients
+    (a size-1 dimension) spread to one per weight. Inside a compiled model, a group's coefficients then
+    come from one indexed load in a loop that runs full vectors; laid out as (groups, m, positions), a
+    group of 4 along the contiguous dimension fills half a vector."""
+
+    def flat(first: Tensor, *rest):
+        shape = first.shape
+        rest = [value.expand(shape).reshape(-1) if isinstance(value, Tensor) and value.dim() else value for value in rest]
+        return function(first.reshape(-1), *rest).view(shape)
+
+    return flat
 
 
 class _Kernel:

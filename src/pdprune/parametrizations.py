@@ -37,8 +37,11 @@ from pdprune.masks import (
 
 COMPILE_FROM = 1 << 18
 """On a CPU, tensors of at least this many elements run PDP's elementwise passes as compiled kernels."""
-BAND_FROM = 1 << 16
-"""On a CPU, tensors of at least this many elements find their threshold in a band around the last one."""
+BAND_FROM = 1 << 14
+"""On a CPU, tensors of at least this many elements find their threshold in a band around the last one
+(below, two selections cost less than the band's few passes and host reads)."""
+FUSED_BAND_FROM = 1 << 16
+"""From this many elements on, the band's counting pass is one compiled kernel."""
 
 __all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask", "BoundSlice", "scale_units"]
 
@@ -286,7 +289,7 @@ class UnstructuredMask(SoftMask):
         banded = weight.device.type == "cpu" and weight.numel() >= BAND_FROM
         stats = None
         if banded and self._band is not None:
-            stats = band_order_statistics(weight, pruned, *self._band)
+            stats = band_order_statistics(weight, pruned, *self._band, fused=weight.numel() >= FUSED_BAND_FROM)
             if stats is None:
                 self._band_width *= 4
             elif stats[2] > 4096:
