@@ -155,3 +155,20 @@ def test_cubic_ramp_prunes_early_and_reaches_the_target_at_the_same_epoch():
     assert cubic.ramp_fraction(3) == pytest.approx(1 - (1 - 3 / 6) ** 3)
     with pytest.raises(ValueError, match=r"ramp_shape must be one of \('linear', 'cubic'\), got 'exponential'"):
         ScheduleConfig(ramp_shape="exponential")
+
+
+def test_a_per_epoch_ramp_rises_once_per_epoch_in_steps_of_eps_from_the_end_of_warm_up():
+    per_step = ScheduleConfig(warmup_epochs=1.5, ramp_end_epoch=4.5)
+    per_epoch = ScheduleConfig(warmup_epochs=1.5, ramp_end_epoch=4.5, ramp_updates="epoch")
+    epochs = [1.4, 1.5, 2.0, 2.49, 2.5, 3.9, 4.5, 9.0]
+    assert [per_epoch.ramp_fraction(e) for e in epochs] == pytest.approx([0, 0.25, 0.25, 0.25, 0.5, 0.75, 1.0, 1.0])
+    for whole in (1.5, 2.5, 3.5, 4.5):  # the two agree at every epoch boundary counted from the warm-up's end
+        assert per_epoch.ramp_fraction(whole) == pytest.approx(per_step.ramp_fraction(whole))
+    schedule = Schedule(ScheduleConfig(warmup_epochs=1, ramp_end_epoch=3, steps_per_epoch=4, ramp_updates="epoch"))
+    fractions = []
+    for _ in range(16):
+        schedule.step()
+        fractions.append(schedule.ramp_fraction)
+    assert fractions == pytest.approx([0, 0, 0] + [1 / 3] * 4 + [2 / 3] * 4 + [1.0] * 5)
+    with pytest.raises(ValueError, match=r"ramp_updates must be one of \('step', 'epoch'\), got 'batch'"):
+        ScheduleConfig(ramp_updates="batch")

@@ -21,6 +21,7 @@ __all__ = ["ScheduleConfig", "Schedule", "global_budgets", "lamp_budgets", "unif
 
 ALLOCATIONS = ("global", "uniform", "lamp")
 RAMP_SHAPES = ("linear", "cubic")
+RAMP_UPDATES = ("step", "epoch")
 
 
 def real_number(name: str, value: Any, example: str) -> float:
@@ -60,6 +61,9 @@ class ScheduleConfig:
         ramp_shape: "linear" (the paper's r_l(e) = min(1, eps * (e - s + 1)) * r_l) or "cubic"
             (1 - (1 - linear)^3, Zhu & Gupta's shape: most of the pruning early, while the network is
             still redundant, and little at the end; not in the PDP paper).
+        ramp_updates: "step" (the budget grows at every `step()`, e counting fractional epochs) or
+            "epoch" (e counts whole epochs from the end of warm-up, as the paper's formula reads and
+            PQuantML implements it: the budget rises once per epoch, by eps at a time).
     """
 
     warmup_epochs: float = 1.0
@@ -71,6 +75,7 @@ class ScheduleConfig:
     anneal_soft_gradient: bool = False
     ramp_shape: str = "linear"
     reallocate: bool = False
+    ramp_updates: str = "step"
 
     def __post_init__(self) -> None:
         warmup = real_number("warmup_epochs", self.warmup_epochs, "e.g. 1 dense epoch first")
@@ -93,6 +98,8 @@ class ScheduleConfig:
             object.__setattr__(self, "ramp_end_epoch", ramp_end)
         if not isinstance(self.ramp_shape, str) or self.ramp_shape not in RAMP_SHAPES:
             raise ValueError(f"ramp_shape must be one of {RAMP_SHAPES}, got {self.ramp_shape!r}")
+        if not isinstance(self.ramp_updates, str) or self.ramp_updates not in RAMP_UPDATES:
+            raise ValueError(f"ramp_updates must be one of {RAMP_UPDATES}, got {self.ramp_updates!r}")
         factor = real_number("anneal_factor", self.anneal_factor, "e.g. 1e-3")
         if not 0 < factor <= 1:
             raise ValueError(f"anneal_factor must be in (0, 1], got {self.anneal_factor}; e.g. 1e-3")
@@ -146,6 +153,8 @@ class ScheduleConfig:
         """min(1, eps * (e - s + 1)) after warm-up, 0 during it: the fraction of each budget applied."""
         if epoch < self.warmup_epochs:
             return 0.0
+        if self.ramp_updates == "epoch":
+            epoch = self.warmup_epochs + math.floor(epoch - self.warmup_epochs)
         linear = min(1.0, self.epsilon * (epoch - self.warmup_epochs + 1))
         return linear if self.ramp_shape == "linear" else 1 - (1 - linear) ** 3
 
