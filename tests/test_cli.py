@@ -72,10 +72,12 @@ def test_recalibrate_bn_refuses_a_model_without_batchnorm_before_training(tmp_pa
 
 
 def test_schedule_options_reach_the_pruning_config(capsys):
-    args = build_parser().parse_args(["train", "--epochs", "30", "--ramp-shape", "cubic", "--anneal-end-epoch", "28", "--anneal-soft-gradient"])
+    args = build_parser().parse_args(["train", "--epochs", "30", "--ramp-shape", "cubic", "--ramp-updates", "epoch",
+                                      "--anneal-end-epoch", "28", "--anneal-soft-gradient"])
     _, pruning = _configs(args, steps_per_epoch=5)
     schedule = pruning.schedule
-    assert (schedule.ramp_shape, schedule.anneal_end_epoch, schedule.steps_per_epoch, schedule.anneal_soft_gradient) == ("cubic", 28, 5, True)
+    assert (schedule.ramp_shape, schedule.ramp_updates, schedule.anneal_end_epoch, schedule.steps_per_epoch, schedule.anneal_soft_gradient) == (
+        "cubic", "epoch", 28, 5, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--ramp-shape", "exponential"])
     assert "invalid choice: 'exponential'" in capsys.readouterr().err
