@@ -154,7 +154,7 @@ class ScheduleConfig:
         if epoch < self.warmup_epochs:
             return 0.0
         if self.ramp_updates == "epoch":
-            epoch = self.warmup_epochs + math.floor(epoch - self.warmup_epochs)
+            epoch = self.warmup_epochs + math.floor(epoch - self.warmup_epochs + 1e-9)  # 1e-9: steps / steps_per_epoch rounds
         linear = min(1.0, self.epsilon * (epoch - self.warmup_epochs + 1))
         return linear if self.ramp_shape == "linear" else 1 - (1 - linear) ** 3
 
