@@ -306,7 +306,7 @@ def masked_weight(
         w * m(w), the shape of `weight`.
     """
     if torch.compiler.is_compiling():
-        return _spread(_masked_weight_expression)(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
+        return _flattened(_masked_weight_expression, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
     return _MaskedWeight.apply(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, compiled)
 
 
@@ -352,18 +352,13 @@ def batched_order_statistics(squares: Sequence[Tensor], pruned: Sequence[int]) -
     return ordered[starts], ordered[starts + 1]
 
 
-def _spread(function):
-    """`function` of a weight-shaped first argument over flattened tensors, with per-group coefficients
-    (a size-1 dimension) spread to one per weight. Inside a compiled model, a group's coefficients then
-    come from one indexed load in a loop that runs full vectors; laid out as (groups, m, positions), a
-    group of 4 along the contiguous dimension fills half a vector."""
-
-    def flat(first: Tensor, *rest):
-        shape = first.shape
-        rest = [value.expand(shape).reshape(-1) if isinstance(value, Tensor) and value.dim() else value for value in rest]
-        return function(first.reshape(-1), *rest).view(shape)
-
-    return flat
+def _flattened(function, weight: Tensor, *rest):
+    """`function(weight, *rest)` over the flattened weight, with per-group coefficients (a size-1
+    dimension) spread to one per weight. Inside a compiled model, a group's coefficients then come from
+    one indexed load in a loop that runs full vectors; laid out as (groups, m, positions), a group of 4
+    along the contiguous dimension fills half a vector."""
+    rest = [value.expand(weight.shape).reshape(-1) if isinstance(value, Tensor) and value.dim() else value for value in rest]
+    return function(weight.reshape(-1), *rest).view(weight.shape)
 
 
 class _Kernel:
