@@ -24,7 +24,7 @@ import torch
 from pdprune.masks import band_order_statistics, group_threshold_squares, order_statistics
 
 RESULTS = Path(__file__).parent / "results"
-SIZES = (2_400, 10_080, 16_384, 28_672, 48_000, 65_536, 262_144, 2_359_296)
+SIZES = (2_400, 10_080, 16_384, 28_672, 48_000, 65_536, 131_072, 262_144, 2_359_296)
 
 
 def median_ms(function, repeats: int = 50) -> float:

@@ -94,30 +94,35 @@ def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float, 
     [low, high], else None.
 
     Weights move little per training step, so a narrow band around the last threshold holds the new
-    one: counting the squares below it and sorting the few inside gives the very values a sort would,
-    in passes without a branch on the data (a selection's comparisons are unpredictable branches, which
-    make it cost several times a pass from a few ten thousand weights up). With `fused`, one compiled
-    pass counts the squares below the band and finds, per row of 64 weights, how many fall inside and
-    the smallest; rows holding one band value give it directly, the few holding more are gathered.
+    one: counting the squares below it and selecting among the few inside gives the very values a sort
+    would, in passes without a branch on the data (a selection's comparisons are unpredictable branches,
+    which make it cost several times a pass from a few ten thousand weights up). With `fused`, one
+    compiled pass counts the squares below the band and finds, per row of 64 weights, how many fall
+    inside and the smallest; rows holding one band value give it directly, the few holding more are gathered.
     """
     flat = weight.detach().reshape(-1)
     if fused:
         body = flat.numel() - flat.numel() % BAND_ROW
-        low_t, high_t = torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype)
-        below_per_row, counts, minimums = _BAND(flat[:body].view(-1, BAND_ROW), low_t, high_t)  # (r,) each
-        crowded = (counts > 1).nonzero().squeeze(1)
-        crowded_squares = flat[:body].view(-1, BAND_ROW)[crowded].square().reshape(-1)
-        tail = flat[body:].square()
-        candidates = torch.cat([minimums[counts == 1], crowded_squares, tail])
-        below = int(below_per_row.sum(dtype=torch.float64)) + int((tail < low).sum())  # exact: integers far below 2^53
+        rows = flat[:body].view(-1, BAND_ROW)
+        # the row count varies, the row length does not: inductor then splits the rows over threads
+        # (with every dimension dynamic it runs them on one, and the pass takes twice as long on two)
+        torch._dynamo.mark_dynamic(rows, 0)
+        below_per_row, counts, minimums = _BAND(rows, torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype))  # (r,) each
+        crowded = rows[counts > 1].square().reshape(-1)
+        candidates = torch.cat([minimums[counts == 1], crowded[(crowded >= low) & (crowded <= high)]])
+        below = int(below_per_row.sum(dtype=torch.float64))  # exact: integers far below 2^53
+        if body < flat.numel():
+            tail = flat[body:].square()
+            candidates = torch.cat([candidates, tail[(tail >= low) & (tail <= high)]])
+            below += int((tail < low).sum())
     else:
-        candidates = flat.square()
-        below = int((candidates < low).sum())
-    band = candidates[(candidates >= low) & (candidates <= high)].sort().values
+        squares = flat.square()
+        candidates = squares[(squares >= low) & (squares <= high)]
+        below = int((squares < low).sum())
     rank = pruned - below  # position of the largest pruned inside the band
-    if rank < 1 or rank + 1 > band.numel():
+    if rank < 1 or rank + 1 > candidates.numel():
         return None
-    return band[rank - 1 : rank], band[rank : rank + 1], band.numel()
+    return candidates.kthvalue(rank).values.reshape(1), candidates.kthvalue(rank + 1).values.reshape(1), candidates.numel()
 
 
 def midpoint(largest_pruned: Tensor, smallest_kept: Tensor) -> Tensor:
@@ -187,12 +192,21 @@ def soft_mask_from_inverse(
     return slope + (mask - slope).detach()
 
 
+LOG2_E = math.log2(math.e)
+
+
+def _exponential(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
+    """exp((t^2 - w^2) / tau) as a power of two: a CPU's vectorized exp2 costs about a third less than
+    its exp (1 / tau is at most 1 / the smallest normal float, so 1 / tau * log2(e) stays finite)."""
+    return torch.exp2((threshold_squared - weight * weight) * (inverse_tau * LOG2_E))
+
+
 def _mask_of(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
-    return torch.sigmoid((weight * weight - threshold_squared) * inverse_tau)
+    return 1 / (1 + _exponential(weight, threshold_squared, inverse_tau))  # sigmoid((w^2 - t^2) / tau)
 
 
 def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
-    return weight * _mask_of(weight, threshold_squared, inverse_tau)
+    return weight / (1 + _exponential(weight, threshold_squared, inverse_tau))
 
 
 def _recovered_mask(weight: Tensor, output: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
@@ -224,24 +238,10 @@ def _masked_weight_backward_surrogate(
     return grad * _local_gradient(weight, mask, slope, gradient_inverse_tau, straight_through)
 
 
-def _masked_weight_expression(
-    weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None, straight_through: bool,
-) -> Tensor:
-    """The same values and gradients through autograd's own rules: what `torch.compile` traces and fuses."""
-    mask = _mask_of(weight, threshold_squared, inverse_tau)
-    if gradient_inverse_tau is not None:  # the values of `mask`, the slope of the mask at the gradient temperature
-        slope = _mask_of(weight, threshold_squared, gradient_inverse_tau)
-        mask = slope + (mask - slope).detach()
-    output = weight * mask
-    if straight_through:  # value w m; gradient as if the pruned part (1 - m) were kept too
-        rest = weight * (1 - mask).detach()
-        output = output + (rest - rest.detach())
-    return output
-
-
 KEEP_OUTPUT_FROM = 1 << 18
-"""Tensors of at least this many elements keep only their output for the backward and recover m from
-it; smaller ones keep m itself (one more small tensor, and fewer operations in the backward)."""
+"""In eager mode, tensors of at least this many elements keep only their output for the backward and
+recover m from it; smaller ones keep m itself (one more small tensor, and fewer operations in the
+backward). Inside a compiled model every tensor keeps its output, which the layer keeps anyway."""
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -250,9 +250,8 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None,
-        straight_through: bool, compiled: bool,
+        straight_through: bool, compiled: bool, keep_output: bool,
     ) -> Tensor:
-        keep_output = compiled or weight.numel() >= KEEP_OUTPUT_FROM
         if keep_output:
             output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, inverse_tau)
             saved = output
@@ -278,7 +277,7 @@ class _MaskedWeight(torch.autograd.Function):
             slope, slope_inverse_tau = (saved, inverse_tau) if gradient_inverse_tau is None else (
                 _mask_of(weight, threshold_squared, gradient_inverse_tau), gradient_inverse_tau)
             gradient = grad * _local_gradient(weight, saved, slope, slope_inverse_tau, straight_through)
-        return gradient, None, None, None, None, None
+        return gradient, None, None, None, None, None, None
 
 
 def masked_weight(
@@ -289,8 +288,10 @@ def masked_weight(
 
     Every argument that changes during training is a tensor, so that nothing here reads a value back to
     the host or branches on one, and `torch.compile` compiles it once for the whole run. In eager mode
-    one fused function keeps little for the backward (`KEEP_OUTPUT_FROM`); under `torch.compile` the
-    plain expression is traced and fused into the layer.
+    one fused function keeps little for the backward (`KEEP_OUTPUT_FROM`); under `torch.compile` it is
+    traced into the model's graph and fused into the layer, and its backward recovers m from the output
+    (which the layer keeps for its own backward): a division, where autograd's rule of the expression
+    would compute the exponential again, the most costly part of PDP's elementwise work.
 
     Args:
         weight: any shape.
@@ -306,8 +307,9 @@ def masked_weight(
         w * m(w), the shape of `weight`.
     """
     if torch.compiler.is_compiling():
-        return _flattened(_masked_weight_expression, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
-    return _MaskedWeight.apply(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, compiled)
+        return _flattened(_MaskedWeight.apply, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, False, True)
+    keep_output = compiled or weight.numel() >= KEEP_OUTPUT_FROM
+    return _MaskedWeight.apply(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, compiled, keep_output)
 
 
 def group_threshold_squares(groups: Tensor, pruned: int, dim: int, compiled: bool = False) -> Tensor:
@@ -364,16 +366,18 @@ def _flattened(function, weight: Tensor, *rest):
 class _Kernel:
     """A `torch.compile`d elementwise kernel that falls back, once and for good, to eager PyTorch when
     compiling is not possible here (no C++ compiler, an unsupported backend). Shapes are dynamic: one
-    compile serves every layer of the same rank, however many shapes the model has."""
+    compile serves every layer of the same rank, however many shapes the model has (with
+    `dynamic=None`, the dimensions the caller marks with `torch._dynamo.maybe_mark_dynamic`)."""
 
-    def __init__(self, function) -> None:
+    def __init__(self, function, dynamic: bool | None = True) -> None:
         self.function = function
+        self.dynamic = dynamic
         self.compiled = None
 
     def __call__(self, *args):
         if self.compiled is None:
             try:
-                self.compiled = torch.compile(self.function, dynamic=True)
+                self.compiled = torch.compile(self.function, dynamic=self.dynamic)
                 return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
                 warnings.warn(f"torch.compile unavailable ({type(error).__name__}); PDP runs its kernels eagerly", stacklevel=2)
@@ -382,7 +386,7 @@ class _Kernel:
 
 
 _FORWARD, _BACKWARD = _Kernel(_masked_weight_forward), _Kernel(_masked_weight_backward)
-_BACKWARD_SURROGATE, _BAND, _GROUPS = _Kernel(_masked_weight_backward_surrogate), _Kernel(_band_rows), _Kernel(_group_threshold_squares)
+_BACKWARD_SURROGATE, _BAND, _GROUPS = _Kernel(_masked_weight_backward_surrogate), _Kernel(_band_rows, dynamic=None), _Kernel(_group_threshold_squares)
 _INVERSE = _Kernel(_inverse_temperature)
 
 

@@ -40,7 +40,7 @@ COMPILE_FROM = 1 << 18
 BAND_FROM = 1 << 14
 """On a CPU, tensors of at least this many elements find their threshold in a band around the last one
 (below, two selections cost less than the band's few passes and host reads)."""
-FUSED_BAND_FROM = 1 << 16
+FUSED_BAND_FROM = 1 << 17
 """From this many elements on, the band's counting pass is one compiled kernel."""
 
 __all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup", "ChannelMask", "BoundSlice", "scale_units"]
