@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pdprune.masks import _masked_weight_backward, _masked_weight_forward, inverse_temperature, order_statistics
+from pdprune.masks import _fused_masked_weight_forward, _masked_weight_backward, inverse_temperature, order_statistics
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = (262_144, 2_359_296)
@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(2)
     generator = torch.Generator().manual_seed(0)
     kernels = {name: torch.compile(function, dynamic=True) for name, function in (
-        ("sigmoid", _sigmoid_forward), ("exp2", _masked_weight_forward),
+        ("sigmoid", _sigmoid_forward), ("exp2", _fused_masked_weight_forward),
         ("autograd", _autograd_backward), ("recovered", lambda *args: _masked_weight_backward(*args, False)))}
     results = {}
     for size in SIZES:

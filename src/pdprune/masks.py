@@ -192,21 +192,22 @@ def soft_mask_from_inverse(
     return slope + (mask - slope).detach()
 
 
-LOG2_E = math.log2(math.e)
-
-
-def _exponential(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
-    """exp((t^2 - w^2) / tau) as a power of two: a CPU's vectorized exp2 costs about a third less than
-    its exp (1 / tau is at most 1 / the smallest normal float, so 1 / tau * log2(e) stays finite)."""
-    return torch.exp2((threshold_squared - weight * weight) * (inverse_tau * LOG2_E))
-
-
 def _mask_of(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
-    return 1 / (1 + _exponential(weight, threshold_squared, inverse_tau))  # sigmoid((w^2 - t^2) / tau)
+    return torch.sigmoid((weight * weight - threshold_squared) * inverse_tau)
 
 
 def _masked_weight_forward(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
-    return weight / (1 + _exponential(weight, threshold_squared, inverse_tau))
+    return weight * _mask_of(weight, threshold_squared, inverse_tau)
+
+
+LOG2_E = math.log2(math.e)
+
+
+def _fused_masked_weight_forward(weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
+    """w * m(w) with exp((t^2 - w^2) / tau) as a power of two, for compiled kernels: a CPU's vectorized
+    exp2 costs less than the sigmoid's exp (eagerly, its extra operations cost more than they save).
+    1 / tau is at most 1 / the smallest normal float, so 1 / tau * log2(e) stays finite."""
+    return weight / (1 + torch.exp2((threshold_squared - weight * weight) * (inverse_tau * LOG2_E)))
 
 
 def _recovered_mask(weight: Tensor, output: Tensor, threshold_squared: Tensor, inverse_tau: Tensor) -> Tensor:
@@ -238,10 +239,27 @@ def _masked_weight_backward_surrogate(
     return grad * _local_gradient(weight, mask, slope, gradient_inverse_tau, straight_through)
 
 
+def _masked_weight_expression(
+    weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None, straight_through: bool,
+) -> Tensor:
+    """The same values and gradients through autograd's own rules: what `torch.compile` traces and fuses
+    for small tensors (fewer kernels than the custom function's backward)."""
+    mask = _mask_of(weight, threshold_squared, inverse_tau)
+    if gradient_inverse_tau is not None:  # the values of `mask`, the slope of the mask at the gradient temperature
+        slope = _mask_of(weight, threshold_squared, gradient_inverse_tau)
+        mask = slope + (mask - slope).detach()
+    output = weight * mask
+    if straight_through:  # value w m; gradient as if the pruned part (1 - m) were kept too
+        rest = weight * (1 - mask).detach()
+        output = output + (rest - rest.detach())
+    return output
+
+
 KEEP_OUTPUT_FROM = 1 << 18
 """In eager mode, tensors of at least this many elements keep only their output for the backward and
 recover m from it; smaller ones keep m itself (one more small tensor, and fewer operations in the
-backward). Inside a compiled model every tensor keeps its output, which the layer keeps anyway."""
+backward). Inside a compiled model such tensors keep their output too, which the layer keeps anyway;
+smaller ones are left to autograd's rule of the expression, which compiles to fewer kernels."""
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -253,7 +271,10 @@ class _MaskedWeight(torch.autograd.Function):
         straight_through: bool, compiled: bool, keep_output: bool,
     ) -> Tensor:
         if keep_output:
-            output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, inverse_tau)
+            if torch.compiler.is_compiling():  # traced into a compiled model's graph
+                output = _fused_masked_weight_forward(weight, threshold_squared, inverse_tau)
+            else:
+                output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, inverse_tau)
             saved = output
         else:
             saved = _mask_of(weight, threshold_squared, inverse_tau)
@@ -289,9 +310,9 @@ def masked_weight(
     Every argument that changes during training is a tensor, so that nothing here reads a value back to
     the host or branches on one, and `torch.compile` compiles it once for the whole run. In eager mode
     one fused function keeps little for the backward (`KEEP_OUTPUT_FROM`); under `torch.compile` it is
-    traced into the model's graph and fused into the layer, and its backward recovers m from the output
-    (which the layer keeps for its own backward): a division, where autograd's rule of the expression
-    would compute the exponential again, the most costly part of PDP's elementwise work.
+    traced into the model's graph and fused into the layer, and for large tensors its backward recovers
+    m from the output (which the layer keeps for its own backward): a division, where autograd's rule of
+    the expression would compute the exponential again, the most costly part of PDP's elementwise work.
 
     Args:
         weight: any shape.
@@ -306,6 +327,8 @@ def masked_weight(
     Returns:
         w * m(w), the shape of `weight`.
     """
+    if torch.compiler.is_compiling() and weight.numel() < KEEP_OUTPUT_FROM:
+        return _flattened(_masked_weight_expression, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
     if torch.compiler.is_compiling():
         return _flattened(_MaskedWeight.apply, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, False, True)
     keep_output = compiled or weight.numel() >= KEEP_OUTPUT_FROM
@@ -385,7 +408,7 @@ class _Kernel:
         return self.compiled(*args)
 
 
-_FORWARD, _BACKWARD = _Kernel(_masked_weight_forward), _Kernel(_masked_weight_backward)
+_FORWARD, _BACKWARD = _Kernel(_fused_masked_weight_forward), _Kernel(_masked_weight_backward)
 _BACKWARD_SURROGATE, _BAND, _GROUPS = _Kernel(_masked_weight_backward_surrogate), _Kernel(_band_rows, dynamic=None), _Kernel(_group_threshold_squares)
 _INVERSE = _Kernel(_inverse_temperature)
 
