@@ -95,6 +95,21 @@ def test_the_fused_surrogate_gradient_matches_the_autograd_reference(compiled):
     _assert_same_values_and_gradients(fast, fast_w, reference, reference_w)
 
 
+@pytest.mark.parametrize("gradient_temperature", [None, 0.05])
+def test_a_large_tensor_inside_a_compiled_graph_matches_the_autograd_reference(gradient_temperature):
+    """From KEEP_OUTPUT_FROM weights on, the custom function is traced into the graph (exp2 forward,
+    m recovered from the output in the backward): the same values and gradients as the oracle."""
+    weight = torch.randn(512, 512, dtype=torch.float64) * 0.1
+    assert weight.numel() >= KEEP_OUTPUT_FROM
+    t = midpoint_threshold(weight.square().reshape(1, -1), 200_000).reshape(())
+    tau = temperature_for(t, 5e-3, True)
+    slope_tau = None if gradient_temperature is None else temperature_for(t, gradient_temperature, True)
+    compiled = torch.compile(lambda w: _masked(w, t, 5e-3, True, gradient_temperature=gradient_temperature), fullgraph=True, dynamic=False)
+    fast_w, reference_w = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = reference_w * soft_mask(reference_w.square(), t, tau, slope_tau)
+    _assert_same_values_and_gradients(compiled(fast_w), fast_w, reference, reference_w)
+
+
 @pytest.mark.parametrize("relative", [True, False])
 def test_an_annealed_temperature_does_not_recompile_the_kernels(relative):
     from torch._dynamo.utils import counters

@@ -106,7 +106,7 @@ def band_order_statistics(weight: Tensor, pruned: int, low: float, high: float, 
         rows = flat[:body].view(-1, BAND_ROW)
         # the row count varies, the row length does not: inductor then splits the rows over threads
         # (with every dimension dynamic it runs them on one, and the pass takes twice as long on two)
-        torch._dynamo.mark_dynamic(rows, 0)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
         below_per_row, counts, minimums = _BAND(rows, torch.tensor(low, dtype=flat.dtype), torch.tensor(high, dtype=flat.dtype))  # (r,) each
         crowded = rows[counts > 1].square().reshape(-1)
         candidates = torch.cat([minimums[counts == 1], crowded[(crowded >= low) & (crowded <= high)]])
@@ -270,12 +270,9 @@ class _MaskedWeight(torch.autograd.Function):
         ctx, weight: Tensor, threshold_squared: Tensor, inverse_tau: Tensor, gradient_inverse_tau: Tensor | None,
         straight_through: bool, compiled: bool, keep_output: bool,
     ) -> Tensor:
-        if keep_output:
-            if torch.compiler.is_compiling():  # traced into a compiled model's graph
-                output = _fused_masked_weight_forward(weight, threshold_squared, inverse_tau)
-            else:
-                output = (_FORWARD if compiled else _masked_weight_forward)(weight, threshold_squared, inverse_tau)
-            saved = output
+        if keep_output:  # traced into a compiled model's graph, the fused form is fused into the layer
+            forward = _fused_masked_weight_forward if torch.compiler.is_compiling() else _FORWARD if compiled else _masked_weight_forward
+            output = saved = forward(weight, threshold_squared, inverse_tau)
         else:
             saved = _mask_of(weight, threshold_squared, inverse_tau)
             output = weight * saved
@@ -327,9 +324,9 @@ def masked_weight(
     Returns:
         w * m(w), the shape of `weight`.
     """
-    if torch.compiler.is_compiling() and weight.numel() < KEEP_OUTPUT_FROM:
-        return _flattened(_masked_weight_expression, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
     if torch.compiler.is_compiling():
+        if weight.numel() < KEEP_OUTPUT_FROM:
+            return _flattened(_masked_weight_expression, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through)
         return _flattened(_MaskedWeight.apply, weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, False, True)
     keep_output = compiled or weight.numel() >= KEEP_OUTPUT_FROM
     return _MaskedWeight.apply(weight, threshold_squared, inverse_tau, gradient_inverse_tau, straight_through, compiled, keep_output)
