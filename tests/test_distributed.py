@@ -173,7 +173,15 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     pruner = PDPPruner(model, CONFIG)
     seen: list[torch.Tensor] = []
     model[0].register_forward_hook(lambda module, args, output: seen.append(module.weight.detach().clone()))
+    stale: list[int] = []  # steps whose forward pass used thresholds other than those of the gathered weight
+
+    def check_thresholds(module: nn.Module, args, output) -> None:
+        gathered = module.parametrizations.weight.original.detach()
+        if any(not torch.equal(mask.threshold_squared, mask.threshold_squares(gathered)) for mask in module.parametrizations.weight):
+            stale.append(len(seen))
+
     for layer in (model[0], model[2]):
+        layer.register_forward_hook(check_thresholds)
         fully_shard(layer)
     fully_shard(model)
     shard = model[0].parametrizations.weight.original
@@ -187,14 +195,17 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         raise AssertionError("finalize() under FSDP2 must refuse")
     state = pruner.finalized_state_dict()
     final = [state["0.weight"], state["2.weight"]]
-    if rank == 0:
-        torch.save({"seen": seen, "budgets": pruner.budgets, "final": final}, os.path.join(out, "fsdp.pt"))
+    # FSDP2 refills the gathered weight without a version bump, often at its last address: staleness
+    # must come from the optimizer's step. Ten more steps make a missed refresh certain to show.
+    _train(model, pruner, torch.optim.SGD(model.parameters(), lr=0.1), range(STEPS, STEPS + 10), rank, world)
+    torch.save({"seen": seen[:STEPS], "budgets": pruner.budgets, "final": final, "stale": stale}, os.path.join(out, f"fsdp{rank}.pt"))
     _end_worker()
 
 
 def test_fsdp2_thresholds_select_over_the_whole_tensor_not_the_shard(tmp_path):
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    fsdp, other_rank = (torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert fsdp["stale"] == other_rank["stale"] == [], "every forward pass refreshed the thresholds of the gathered weight"
     model = _model()
     pruner = PDPPruner(model, CONFIG)
     seen = []

@@ -114,6 +114,12 @@ class MaskState(nn.Module):
                 self.gradient_temperature_value.fill_(slope)
                 self.coefficients_stale = True
 
+    def mark_stale(self) -> None:
+        """Make the next forward pass recompute the thresholds. Staleness is otherwise read from the
+        weight's version and address, which a weight refilled in place without a version bump (FSDP2's
+        gathered weight, whose buffer may come back at the same address) does not change."""
+        self._key = None
+
     def update_coefficients(self) -> None:
         """Fold the temperatures and t^2 into the `inverse_tau` buffers (units with one threshold)."""
         if self._scalar:

@@ -146,8 +146,9 @@ class PDPPruner:
             original = chain.original
             if parameters is not None and id(original) not in parameters:
                 continue
-            if hasattr(original, "full_tensor"):
-                continue  # sharded (FSDP2): the forward pass sees the gathered weight and refreshes there
+            if hasattr(original, "full_tensor"):  # sharded (FSDP2): the forward pass sees the gathered weight
+                mask.mark_stale()  # and refreshes there
+                continue
             if not force and not mask.is_stale(original):
                 continue
             if not isinstance(mask, UnstructuredMask):
@@ -177,6 +178,9 @@ class PDPPruner:
             if not isinstance(unit, ChannelGroup):
                 continue
             if parameters is not None and not any(id(piece.tensor()) in parameters for piece in unit.slices("scoring")):
+                continue
+            if any(hasattr(piece.tensor(), "full_tensor") for piece in unit.slices("scoring")):
+                unit.mark_stale()
                 continue
             if force or unit.is_stale():
                 unit.refresh()
