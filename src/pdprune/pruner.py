@@ -128,8 +128,9 @@ class PDPPruner:
         """Recompute every threshold from the current weights.
 
         `step()` does, and so does every `torch.optim` optimizer's `step()` while the pruner is attached;
-        call it yourself only after changing weights by other means (e.g. `p.data -= ...`) before a
-        forward pass under `torch.compile` (an eager forward pass refreshes a weight changed in place).
+        call it yourself after changing weights by other means: through `p.data` (which bumps no version
+        counter, so nothing can notice), or before a forward pass under `torch.compile` (an eager forward
+        pass refreshes a weight changed in place under `torch.no_grad()` by itself).
         """
         self._refresh(force=True)
 
