@@ -9,9 +9,11 @@ called without an active exception"). `os._exit` after a barrier skips that tear
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,6 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig, load_checkpoint, save_checkpoint
+from pdprune.masks import midpoint_threshold
+from pdprune.parametrizations import SoftMask
 
 STEPS = 6
 CONFIG = PruningConfig(sparsity=0.8, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2, steps_per_epoch=2))
@@ -220,3 +224,50 @@ def test_fsdp2_thresholds_select_over_the_whole_tensor_not_the_shard(tmp_path):
     for sharded, single in zip(fsdp["final"], (model[0].weight, model[2].weight)):
         assert torch.equal(sharded == 0, single == 0), "the same weights pruned, exactly"
         torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
+
+
+def _whole_threshold(pruner: PDPPruner, name: str) -> torch.Tensor:
+    """t^2 of unit `name` at its sparsity, selected over the gathered weights (a collective)."""
+    unit = pruner.units[name]
+    with torch.no_grad():
+        if isinstance(unit, SoftMask):
+            return unit.threshold_squares(pruner._original(name))
+        scores = sum(piece.unit_norms(piece.tensor().full_tensor()) for piece in unit.slices("scoring"))
+        pruned = unit.pruned(unit.sparsity)
+        if pruned == 0:  # warm-up
+            return torch.full((), -math.inf)
+        return midpoint_threshold(scores.reshape(1, -1), pruned).square().reshape(())
+
+
+def _fsdp_structure_worker(rank: int, world: int, init_file: str, out: str, structure: str, compiled: bool) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _model()
+    config = PruningConfig(sparsity=0.5, structure=structure, allocation="uniform", schedule=CONFIG.schedule)
+    pruner = PDPPruner(model, config, example_inputs=torch.randn(2, 12))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stale = []  # steps after which the thresholds were not those of the whole weights
+    for step in range(8):
+        _train(forward, pruner, optimizer, range(step, step + 1), rank, world)
+        if compiled and not all(torch.equal(unit.threshold_squared, _whole_threshold(pruner, name)) for name, unit in pruner.units.items()):
+            stale.append(step)  # the next compiled forward pass would read thresholds of older weights
+    state = pruner.finalized_state_dict()
+    torch.save({"stale": stale, "zeros": int((state["0.weight"] == 0).sum())}, os.path.join(out, f"rank{rank}.pt"))
+    _end_worker()
+
+
+@pytest.mark.parametrize("structure, compiled", [("unstructured", True), ("channel", False), ("channel", True)])
+def test_fsdp2_prunes_exactly_under_torch_compile_and_in_channels(tmp_path, structure, compiled):
+    """A compiled forward pass cannot recompute thresholds, so under FSDP2 the optimizer's step gathers
+    the weights and does; channel scores too (and the final hard cut) come from the gathered weights."""
+    mp.spawn(_fsdp_structure_worker, args=(2, str(tmp_path / "init"), str(tmp_path), structure, compiled), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert ranks[0] == ranks[1], "every rank holds the same thresholds and the same result"
+    assert ranks[0]["stale"] == [], "every compiled forward pass read the thresholds of the current weights"
+    assert ranks[0]["zeros"] == (16 * 12 if structure == "channel" else 32 * 12 // 2), "the exact count pruned"

@@ -84,6 +84,7 @@ class MaskState(nn.Module):
         self.temperature = self._gradient_temperature = float(temperature)
         self.relative_temperature = relative_temperature
         self._key: object = None  # (versions of the weights, pruned count) the thresholds hold; None: recompute
+        self.compiled_forward = False  # set when a compiled forward pass, which cannot refresh, used the mask
         self.coefficients_stale = False
 
     @property
@@ -115,7 +116,7 @@ class MaskState(nn.Module):
                 self.coefficients_stale = True
 
     def mark_stale(self) -> None:
-        """Make the next forward pass recompute the thresholds. Staleness is otherwise read from the
+        """Make the next eager forward pass recompute the thresholds. Staleness is otherwise read from the
         weight's version and address, which a weight refilled in place without a version bump (FSDP2's
         gathered weight, whose buffer may come back at the same address) does not change."""
         self._key = None
@@ -191,7 +192,9 @@ class SoftMask(MaskState):
         self.straight_through = straight_through
 
     def forward(self, weight: Tensor) -> Tensor:
-        if not _is_compiling() and self.is_stale(weight):
+        if _is_compiling():
+            self.compiled_forward = True
+        elif self.is_stale(weight):
             self.refresh(weight)  # eager: a weight changed outside an optimizer's step is caught here
         return self._masked(weight)
 
@@ -204,7 +207,14 @@ class SoftMask(MaskState):
 
     def is_stale(self, weight: Tensor) -> bool:
         """Whether `weight` or the pruned count changed since the thresholds were computed."""
+        if isinstance(self._key, tuple) and self._key[0] == "gathered":
+            return self._key[1] != self.pruned_of(weight)
         return self._key != self._key_of(weight)
+
+    def mark_gathered(self, weight: Tensor) -> None:
+        """Record that the pruner computed the thresholds from the whole of a sharded `weight` after the
+        optimizer's step (FSDP2 under torch.compile): a forward pass keeps them unless the pruned count changes."""
+        self._key = ("gathered", self.pruned_of(weight))
 
     def refresh(self, weight: Tensor) -> None:
         """Recompute t^2 (and the coefficients) from `weight` at the current sparsity (after an optimizer step)."""
@@ -384,6 +394,12 @@ class BoundSlice:
             return self.module.parametrizations[self.tensor_name].original
         return getattr(self.module, self.tensor_name)
 
+    def whole(self) -> Tensor:
+        """`tensor()`, gathered whole where FSDP2 shards it (outside the forward pass: a collective that
+        every rank makes at the same step)."""
+        tensor = self.tensor()
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
     def unit_norms(self, tensor: Tensor) -> Tensor:
         """(units,) the squared L2 norm of each unit's entries of `tensor`."""
         entries = tensor.square().movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)  # (entries,)
@@ -441,7 +457,7 @@ class ChannelGroup(MaskState):
 
     def squared_scores(self) -> Tensor:
         """(size,) sum over scoring tensors of each channel's squared norm (with gradient)."""
-        scores = [piece.unit_norms(piece.tensor()) for piece in self.slices("scoring")]
+        scores = [piece.unit_norms(piece.whole()) for piece in self.slices("scoring")]
         return torch.stack(scores).sum(dim=0)
 
     def dead_units(self) -> int:
@@ -456,7 +472,13 @@ class ChannelGroup(MaskState):
         return (*(_version_key(piece.tensor()) for piece in self.slices("scoring")), self.pruned(self.sparsity))
 
     def is_stale(self) -> bool:
+        if isinstance(self._key, tuple) and self._key[0] == "gathered":
+            return self._key[1] != self.pruned(self.sparsity)
         return self._key != self._versions()
+
+    def mark_gathered(self) -> None:
+        """As `SoftMask.mark_gathered`: the pruner refreshed the thresholds from the gathered tensors."""
+        self._key = ("gathered", self.pruned(self.sparsity))
 
     def refresh(self) -> None:
         """Recompute t^2 over the channel scores at the current sparsity (after an optimizer step)."""
@@ -472,7 +494,9 @@ class ChannelGroup(MaskState):
 
     def mask(self) -> Tensor:
         """(size,) the soft mask the network computes with now (with gradient through the scores)."""
-        if not _is_compiling() and self.is_stale():
+        if _is_compiling():
+            self.compiled_forward = True
+        elif self.is_stale():
             self.refresh()
         return soft_mask_from_inverse(self.squared_scores(), *self.coefficients())
 

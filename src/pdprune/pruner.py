@@ -143,15 +143,20 @@ class PDPPruner:
         pairs: list[tuple[UnstructuredMask, Tensor, Tensor]] = []  # (mask, largest pruned, smallest kept)
         on_gpu: list[tuple[UnstructuredMask, Tensor, int]] = []
         fresh: list[tuple[SoftMask, Tensor]] = []
+        gathered: list[tuple[SoftMask, Tensor]] = []
         for mask, chain in self._masks:
             original = chain.original
             if parameters is not None and id(original) not in parameters:
                 continue
-            if hasattr(original, "full_tensor"):  # sharded (FSDP2): the forward pass sees the gathered weight
-                mask.mark_stale()  # and refreshes there
+            sharded = hasattr(original, "full_tensor")  # FSDP2
+            if sharded and not mask.compiled_forward:
+                mask.mark_stale()  # the eager forward pass refreshes from the weight FSDP2 gathers for it
                 continue
             if not force and not mask.is_stale(original):
                 continue
+            if sharded:  # a compiled forward pass cannot refresh: gather here (every rank steps together)
+                original = original.full_tensor()
+                gathered.append((mask, original))
             if not isinstance(mask, UnstructuredMask):
                 mask.refresh(original)
                 continue
@@ -175,16 +180,21 @@ class PDPPruner:
         for mask, original in fresh:
             mask.coefficients_stale = True
             mask.mark_fresh(original)
+        for mask, original in gathered:
+            mask.mark_gathered(original)
         for unit in self.units.values():
             if not isinstance(unit, ChannelGroup):
                 continue
             if parameters is not None and not any(id(piece.tensor()) in parameters for piece in unit.slices("scoring")):
                 continue
-            if any(hasattr(piece.tensor(), "full_tensor") for piece in unit.slices("scoring")):
-                unit.mark_stale()
+            sharded = any(hasattr(piece.tensor(), "full_tensor") for piece in unit.slices("scoring"))
+            if sharded and not unit.compiled_forward:
+                unit.mark_stale()  # as for the tensors above
                 continue
             if force or unit.is_stale():
-                unit.refresh()
+                unit.refresh()  # gathers sharded tensors
+                if sharded:
+                    unit.mark_gathered()
         self._update_coefficients()
 
     def _update_coefficients(self) -> None:
