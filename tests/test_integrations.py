@@ -116,3 +116,41 @@ def test_transformers_callback_on_a_small_bert(tmp_path, structure):
     assert resumed.pruner.finalized and resumed.pruner.budgets == callback.pruner.budgets
     for name, module in linears.items():
         torch.testing.assert_close(dict(resumed_model.named_modules())[name].weight, module.weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture, structure", [("gpt2", "unstructured"), ("bert", "channel")])
+def test_transformers_checkpoints_take_tensors_the_masks_share(tmp_path, architecture, structure):
+    """A tied embedding's weight (GPT-2's wte and lm_head) and a channel group's state are one tensor
+    under several names once masked; the Trainer's safetensors checkpoints must take them, and training
+    resumed from one must end where the uninterrupted run ends."""
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from pdprune.integrations.transformers import PDPTrainerCallback
+
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(1, 64, (32, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids if architecture == "gpt2" else (ids[:, 0] > 32).long()
+    examples = [{"input_ids": row, "labels": label} for row, label in zip(ids, labels)]
+
+    def run(resume: bool):
+        torch.manual_seed(0)
+        if architecture == "gpt2":
+            model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=64))
+            example = None
+        else:
+            model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=64, max_position_embeddings=16))
+            example = {"input_ids": ids[:2]}
+        config = PruningConfig(sparsity=0.5, structure=structure, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=3))
+        callback = PDPTrainerCallback(model, config, example_inputs=example)
+        arguments = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=4, save_strategy="epoch",
+                                      report_to=[], learning_rate=1e-3, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+        Trainer(model=model, args=arguments, train_dataset=examples, callbacks=[callback]).train(
+            resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8") if resume else None)
+        return model
+
+    straight, resumed = run(resume=False), run(resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert float((straight.state_dict()["lm_head.weight" if architecture == "gpt2" else "bert.encoder.layer.0.intermediate.dense.weight"] == 0).float().mean()) >= 0.4

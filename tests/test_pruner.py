@@ -374,6 +374,27 @@ def test_tied_weights_share_one_mask_count_once_and_stay_tied(tmp_path):
         PDPPruner(TiedLanguageModel(), PruningConfig(structure="channel", include=("output",)), example_inputs=ids)
 
 
+def test_a_module_reused_under_two_names_is_masked_once():
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(8, 8)
+            self.again = self.first  # one layer applied twice (ALBERT-style sharing)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.again(torch.relu(self.first(x)))))
+
+    model = Reused()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, allocation="uniform", schedule=IMMEDIATE))
+    assert len(model.first.parametrizations.weight) == 1, "one mask, not one per name"
+    unit = pruner.units["first.weight"]
+    torch.testing.assert_close(model.first.weight, unit.soft(model.first.parametrizations.weight.original, 0.5))
+    model(torch.randn(3, 8)).sum().backward()
+    pruner.finalize()
+    assert int((model.first.weight == 0).sum()) == 32
+
+
 def test_importing_pdprune_does_not_import_the_optional_frameworks():
     import subprocess
     import sys

@@ -7,6 +7,7 @@ every parametrization or none.
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     if not units:
         raise ValueError(f"nothing left to prune: {'; '.join(f'{name}: {why}' for name, why in incompatible.items())}")
     tensors = _register(registrations)
+    _declare_shared_names(model)
     group_members: dict[str, dict[str, Tensor]] = {}
     for tensor, _, _, mask in registrations:
         if isinstance(mask, ChannelMask):
@@ -231,11 +233,12 @@ def _structured_unit(model: nn.Module, spec: UnitSpec, config: PruningConfig, re
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
-    """id(weight) -> every (module name, module) holding that very Parameter as its `weight`."""
+    """id(weight) -> every (module name, module) holding that very Parameter as its `weight`; a module
+    reused under several names counts once (one parametrization serves all its names)."""
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if isinstance(weight, nn.Parameter):
+        if isinstance(weight, nn.Parameter) and all(module is not holder for _, holder in holders.get(id(weight), ())):
             holders.setdefault(id(weight), []).append((name, module))
     return holders
 
@@ -253,6 +256,25 @@ def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, s
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         raise
     return {name: (module, tensor_name) for name, module, tensor_name, _ in registrations}
+
+
+def _declare_shared_names(model: nn.Module) -> None:
+    """Let Hugging Face checkpoints take the masked model: `save_pretrained` (and so every Trainer
+    checkpoint) refuses a tensor saved under several names unless all but one are declared tied. The
+    parametrizations make such names: a tied weight's original and its mask's state appear under each
+    module holding it, a channel group's state under each tensor it gates. Every name after the first is
+    declared in `_tied_weights_keys` of the ParametrizationList holding it (transformers collects that
+    attribute from every submodule; the list goes at finalize), so the file keeps one copy, and loading
+    it fills the one tensor that all the names share."""
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        kept = first.setdefault(id(tensor), name)
+        if kept == name or ".parametrizations." not in name:
+            continue
+        owner, _, inside = name.rpartition(".parametrizations.")
+        tensor_name, _, relative = inside.partition(".")
+        holder = model.get_submodule(owner).parametrizations[tensor_name]
+        holder.__dict__.setdefault("_tied_weights_keys", {})[re.escape(relative)] = kept
 
 
 def check_finite(tensors: Mapping[str, Tensor]) -> None:
