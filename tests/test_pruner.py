@@ -395,6 +395,11 @@ def test_a_module_reused_under_two_names_is_masked_once():
     assert int((model.first.weight == 0).sum()) == 32
 
 
+def test_float16_weights_are_warned_about_with_what_to_do_instead():
+    with pytest.warns(UserWarning, match=r"\['0.weight'\] are float16.*torch.autocast"):
+        PDPPruner(nn.Sequential(nn.Linear(8, 8).half(), nn.Linear(8, 2)), PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+
+
 def test_importing_pdprune_does_not_import_the_optional_frameworks():
     import subprocess
     import sys
