@@ -400,6 +400,16 @@ def test_float16_weights_are_warned_about_with_what_to_do_instead():
         PDPPruner(nn.Sequential(nn.Linear(8, 8).half(), nn.Linear(8, 2)), PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "channel"])
+def test_pruned_weights_are_positive_zeros(structure):
+    """-0.0 (a negative weight times 0) equals 0 but not bit for bit: files and hashes would differ."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure=structure, schedule=IMMEDIATE), example_inputs=torch.randn(2, 8))
+    pruner.finalize()
+    zeros = model[0].weight[model[0].weight == 0]
+    assert zeros.numel() >= 16 and not bool(zeros.signbit().any())
+
+
 def test_importing_pdprune_does_not_import_the_optional_frameworks():
     import subprocess
     import sys

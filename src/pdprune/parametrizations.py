@@ -253,7 +253,7 @@ class SoftMask(MaskState):
 
     def finalized(self, weight: Tensor, sparsity: float) -> Tensor:
         """What `finalize()` bakes in: kept weights as the network trained with them (w * m), others 0."""
-        return self.soft(weight, sparsity) * self.keep_mask(weight, sparsity)
+        return self.soft(weight, sparsity).where(self.keep_mask(weight, sparsity), 0.0)  # +0.0: no -0.0 bits
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", straight-through" if self.straight_through else "")
@@ -540,4 +540,5 @@ class ChannelMask(nn.Module):
 
     def finalized(self, tensor: Tensor, sparsity: float) -> Tensor:
         """Kept channels as trained (scaled by m), pruned channels exactly 0."""
-        return self._scale(tensor, self.group.soft_mask(sparsity) * self.group.keep_mask(sparsity))
+        scaled = self._scale(tensor, self.group.soft_mask(sparsity) * self.group.keep_mask(sparsity))
+        return scaled.where(scaled != 0, 0.0)  # a negative entry times 0 is -0.0: store +0.0
