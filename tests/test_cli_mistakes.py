@@ -285,7 +285,8 @@ def test_bench_names_a_missing_or_broken_grid_file(tmp_path, capsys):
     (("warmup_epochs = 0.5", "warmup_epochs = 1"), r"runs\[0\]: the schedule does not fit in 1 epochs"),
     (("sparsities = [0.5]", "sparsities = [0.5]\npdp = { temperature = -1 }"), r"runs\[0\]: pdp at sparsity 0.5: temperature must be a finite number > 0"),
     (("sparsities = [0.5]", "sparsities = [0.5]\npdp = { warmth = 1 }"), r"runs\[0\]: pdp at sparsity 0.5: unknown PruningConfig fields \['warmth'\]"),
-], ids=["ramp-after-end", "warmup-fills-all", "temperature", "unknown-field"])
+    (("sparsities = [0.5]", "sparsities = 0.5"), r"runs\[0\]: sparsities must be a non-empty list of fractions in \[0, 1\), got 0.5; e.g. sparsities = \[0.5\]$"),
+], ids=["ramp-after-end", "warmup-fills-all", "temperature", "unknown-field", "scalar-sparsities"])
 def test_bench_refuses_a_grid_that_would_fail_midway_before_running_anything(change, message, tmp_path, capsys):
     (tmp_path / "grid.toml").write_text(GRID.replace(*change))
     line = _refused(["bench", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "out")], capsys)

@@ -107,6 +107,28 @@ def test_bad_grid_entries_are_named(tmp_path):
         load_grid(tmp_path / "g.toml")
 
 
+@pytest.mark.parametrize("old,new,message", [
+    ('sparsities = [0.8]\n', "sparsities = 0.8\n",
+     r"runs\[1\]: sparsities must be a non-empty list of fractions in \[0, 1\), got 0.8; e.g. sparsities = \[0.8\]"),
+    ('sparsities = [0.8]\n', "sparsities = []\n", r"runs\[1\]: sparsities must be a non-empty list of fractions in \[0, 1\), got \[\]"),
+    ('sparsities = [0.8]\n', "sparsities = [90]\n", r"runs\[1\]: sparsities must be a non-empty list of fractions in \[0, 1\), got \[90\]"),
+    ('methods = ["pdp", "gmp"]', 'methods = "pdp"', r"runs\[1\]: methods must be a non-empty list of names, .*got 'pdp'; e.g. methods = \['pdp'\]"),
+    ('methods = ["pdp", "gmp"]', "methods = []", r"runs\[1\]: methods must be a non-empty list of names"),
+    ('methods = ["pdp", "gmp"]', 'methods = ["pdp", "gmp"]\nsparsity = [0.5]', r"runs\[1\]: unknown keys \['sparsity'\]; a \[\[runs\]\] entry takes \['methods'"),
+    ('methods = ["pdp", "gmp"]', 'methods = ["pdp", "gmp"]\nseeds = [0, -1]', r"runs\[1\]: seeds must be a non-empty list of integers >= 0, got \[0, -1\]"),
+    ("seeds = [0, 1]", "seeds = [-1]", r"grid '.*g.toml': seeds must be a non-empty list of integers >= 0, got \[-1\]"),
+    ('methods = ["pdp", "gmp"]', 'methods = ["pdp", "gmp"]\nstructure = 24', r"runs\[1\]: structure must be 'unstructured', 'channel' or 'N:M'"),
+    ("pdp = { temperature = 0.1 }", 'pdp = { temperature = 0.1, sparsity = 0.5, structure = "2:4" }',
+     r"runs\[2\]: pdp at sparsity 0.8: pdp settings may not set \['sparsity', 'structure'\]: the entry's sparsities and structure do"),
+    ("[schedule]", "[pdp]\nsparsity = 0.5\n[schedule]", r"runs\[1\]: pdp at sparsity 0.8: pdp settings may not set \['sparsity'\]"),
+], ids=["scalar-sparsities", "empty-sparsities", "percent", "string-methods", "empty-methods", "unknown-key", "negative-seed",
+        "negative-grid-seed", "number-structure", "pdp-sparsity", "grid-pdp-sparsity"])
+def test_grid_entries_that_would_expand_into_other_runs_than_they_say_are_refused(tmp_path, old, new, message):
+    (tmp_path / "g.toml").write_text(GRID.replace(old, new, 1))
+    with pytest.raises(ValueError, match=message):
+        load_grid(tmp_path / "g.toml")
+
+
 def test_every_shipped_grid_config_loads():
     from pathlib import Path
 

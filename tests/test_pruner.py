@@ -241,6 +241,8 @@ def test_finalize_before_the_ramp_ends_warns():
         ({"straight_through": True, "layer_structures": {"conv*": "channel"}}, ValueError,
          r"straight_through applies to unstructured and N:M masks, not to 'channel'"),
         ({"include": "fc"}, TypeError, r"include must be a tuple of strings, got the string 'fc'; wrap it"),
+        ({"layer_structures": {0: "2:4"}}, TypeError, r"layer_structures keys must be fnmatch patterns of module names \(strings\), "
+                                                      r"got int 0; e.g. \{'0': '2:4'\}"),
     ],
 )
 def test_config_errors(kwargs, error, message):
@@ -531,3 +533,81 @@ def test_saving_or_compacting_a_model_whose_masks_are_attached_is_refused(tiny_c
     assert not list(tmp_path.iterdir()), "nothing written"
     with pytest.raises(ValueError, match=r"save_sparse\(\) needs plain weights, but the state_dict holds PDP's masks"):
         save_sparse(tmp_path / "m.pt", tiny_convnet.state_dict())
+
+
+@pytest.mark.parametrize("config,message", [
+    (0.9, r"config must be a PruningConfig or None, got float 0.9; for a sparsity, pass PDPPruner\(model, PruningConfig\(sparsity=0.9\)\)"),
+    ({"sparsity": 0.5}, r"got dict \{'sparsity': 0.5\}; build it from the dict: PDPPruner\(model, PruningConfig.from_dict\(\{'sparsity': 0.5\}\)\)"),
+], ids=["number", "dict"])
+def test_a_config_that_is_not_a_pruning_config_is_refused_with_the_way_to_build_one(tiny_mlp, config, message):
+    before = _snapshot(tiny_mlp)
+    with pytest.raises(TypeError, match=message):
+        PDPPruner(tiny_mlp, config)
+    _assert_untouched(tiny_mlp, before)
+
+
+def test_a_failure_after_attaching_takes_off_exactly_the_masks_it_put_on(tiny_convnet, monkeypatch):
+    """Budgets are computed once the masks are on: whatever fails there, the model is left as it was."""
+    before, originals = _snapshot(tiny_convnet), {name: p for name, p in tiny_convnet.named_parameters()}
+
+    def broken(self):
+        raise RuntimeError("allocation failed")
+
+    monkeypatch.setattr(PDPPruner, "_allocate", broken)
+    with pytest.raises(RuntimeError, match="allocation failed"):
+        PDPPruner(tiny_convnet, PruningConfig(schedule=IMMEDIATE))
+    _assert_untouched(tiny_convnet, before)
+    assert all(parameter is originals[name] for name, parameter in tiny_convnet.named_parameters()), "the very same Parameters"
+
+
+def test_a_warning_raised_as_an_error_after_attaching_leaves_the_model_untouched():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(2, 1))
+    before = _snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"global allocation prunes every weight of \['0.weight'\]"):
+            PDPPruner(model, PruningConfig(sparsity=0.9, allocation="global", schedule=IMMEDIATE))
+    _assert_untouched(model, before)
+    PDPPruner(model, PruningConfig(sparsity=0.5, allocation="uniform", schedule=IMMEDIATE)).finalize()  # attaching again works
+
+
+def test_the_emptied_layer_warning_names_the_allocation_that_emptied_it(monkeypatch):
+    import pdprune.pruner
+
+    monkeypatch.setattr(pdprune.pruner, "lamp_budgets", lambda magnitudes, sparsity: {name: 1.0 for name in magnitudes})
+    with pytest.warns(UserWarning, match=r"^lamp allocation prunes every weight of \['0.weight'\].*Use allocation='uniform'"):
+        PDPPruner(nn.Sequential(nn.Linear(4, 4)), PruningConfig(schedule=IMMEDIATE))
+
+
+def test_a_zero_element_weight_is_left_dense_with_the_reason():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0))
+    with pytest.warns(UserWarning, match=r"left dense: \['1.weight'\] \(no elements; pruner.report\(\) says why\)"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    assert pruner.tensor_names == ["0.weight"] and pruner.budgets == {"0.weight": 0.5}
+    assert pruner.report().skipped["1.weight"] == "its shape (0, 4) holds no elements: nothing to prune"
+    assert not parametrize.is_parametrized(model[1])
+    pruner.finalize()
+    assert int((model[0].weight == 0).sum()) == 8
+    only_empty = nn.Sequential(nn.Linear(4, 0))
+    before = _snapshot(only_empty)
+    with pytest.raises(ValueError, match=r"nothing to prune: every selected weight holds no elements \(0.weight has shape \(0, 4\)\)"):
+        PDPPruner(only_empty)
+    _assert_untouched(only_empty, before)
+
+
+def test_a_registered_layer_type_without_a_weight_is_refused_naming_the_module(monkeypatch):
+    import pdprune
+    from pdprune import layers
+
+    monkeypatch.setattr(layers, "_REGISTERED", dict(layers._REGISTERED))  # the registration ends with the test
+    pdprune.register_layer_type("LSTM", nn.LSTM)
+    model = nn.Sequential(nn.LSTM(4, 8), nn.Linear(8, 2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'0' is a LSTM of layer type 'LSTM', which module_types selects, but it has no `weight` tensor "
+                                         r"\(its matrices: \['weight_ih_l0', 'weight_hh_l0'\]\).*exclude=\('0',\)"):
+        PDPPruner(model, PruningConfig(module_types=("Linear", "LSTM")))
+    _assert_untouched(model, before)
+    pruner = PDPPruner(model, PruningConfig(module_types=("Linear", "LSTM"), exclude=("0",)))  # the way out the message names
+    assert pruner.tensor_names == ["1.weight"] and pruner.report().skipped == {"0": "matched by exclude"}

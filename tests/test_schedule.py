@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from pdprune.masks import pruned_count
 from pdprune.schedule import Schedule, ScheduleConfig, global_budgets, uniform_budgets
@@ -144,6 +145,26 @@ def test_lamp_budgets_meet_the_target_never_empty_a_tensor_and_ignore_scale():
     rescaled = lamp_budgets({"small": (small * 1000).square(), "large": large.square()}, 0.9)
     assert rescaled == budgets, "a tensor's scale does not change its budget"
     assert all(b < 1 for b in lamp_budgets({"a": torch.rand(10), "b": torch.rand(10)}, 0.9).values())
+
+
+def test_lamp_scores_an_all_zero_tensor_as_tied_and_never_empties_it():
+    """A zero-initialized head: every weight ties with the largest, scored as LAMP scores a constant tensor."""
+    import warnings
+
+    from pdprune import PDPPruner, PruningConfig
+    from pdprune.schedule import lamp_budgets
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {"body": torch.randn(1000, generator=generator).square(), "head": torch.zeros(40)}
+    for sparsity in (0.5, 0.9, 0.99):
+        assert lamp_budgets(weights, sparsity)["head"] < 1.0
+    assert lamp_budgets({"zeros": torch.zeros(4), "constant": torch.full((4,), 3.0)}, 0.5) == {"zeros": 0.5, "constant": 0.5}
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    nn.init.zeros_(model[2].weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer emptied, nothing to warn about
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=0)))
+    assert pruner.budgets["2.weight"] < 1.0
 
 
 def test_cubic_ramp_prunes_early_and_reaches_the_target_at_the_same_epoch():

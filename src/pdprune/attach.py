@@ -74,8 +74,8 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     for name, module in model.named_modules():
         _refuse_attached(name, module)
         layer_type = layer_type_of(module, known)
-        if layer_type is not None and layer_type.name in wanted and isinstance(getattr(module, "weight", None), nn.Parameter | Tensor):
-            candidates[name] = module
+        if layer_type is not None and layer_type.name in wanted:
+            candidates[name] = module  # one without a weight tensor is refused below, unless include/exclude leave it out
         elif _weight_bearing(module) and not isinstance(module, nn.modules.batchnorm._NormBase | parametrize.ParametrizationList):
             why = (f"its type {type(module).__name__} is not a prunable layer type; declare its weight layout with "
                    "pdprune.register_layer_type and add it to module_types" if layer_type is None else
@@ -95,14 +95,25 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             skipped[name] = "matched by exclude"
         else:
             selected[name] = module
+    for name, module in selected.items():
+        _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
+    empty = {f"{name}.weight": tuple(module.weight.shape) for name, module in selected.items() if module.weight.numel() == 0}
+    for tensor_name, shape in empty.items():
+        skipped[tensor_name] = f"its shape {shape} holds no elements: nothing to prune"
+        del selected[tensor_name.removesuffix(".weight")]
+    if empty and not selected:
+        raise ValueError(
+            f"nothing to prune: every selected weight holds no elements ({', '.join(f'{n} has shape {s}' for n, s in empty.items())}); "
+            "select layers with weights (module_types, include/exclude) or check the model's sizes"
+        )
     if not selected:
         raise ValueError(
             f"no prunable layer selected: the model has no module of types {list(config.module_types)}"
             + (" left after include/exclude" if candidates else "")
             + "; pass module_types=... or change include/exclude"
         )
-    for name, module in selected.items():
-        _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
+    if empty:
+        warnings.warn(f"left dense: {sorted(empty)} (no elements; pruner.report() says why)", stacklevel=4)
     unknown_types = sorted({type(model.get_submodule(n)).__name__ for n, why in skipped.items() if "not a prunable layer type" in why})
     if unknown_types:
         warnings.warn(
@@ -125,6 +136,14 @@ def _refuse_attached(name: str, module: nn.Module) -> None:
 
 
 def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType) -> None:
+    if not isinstance(getattr(module, "weight", None), Tensor):
+        matrices = _weight_bearing(module)
+        raise ValueError(
+            f"{name!r} is a {type(module).__name__} of layer type {layer_type.name!r}, which module_types selects, but it has "
+            f"no `weight` tensor{f' (its matrices: {matrices})' if matrices else ''}; PDP prunes the Parameter a layer keeps "
+            "as `module.weight`, so register only module types that hold one (as nn.Linear does). "
+            f"Take {layer_type.name!r} out of module_types, or exclude the module: exclude=({name!r},)"
+        )
     if parametrize.is_parametrized(module, "weight"):
         foreign = [type(p).__name__ for p in module.parametrizations.weight]
         raise ValueError(

@@ -96,6 +96,11 @@ class PruningConfig:
         if not isinstance(self.layer_structures, Mapping):
             raise TypeError(f"layer_structures must be a dict of pattern -> structure, got {self.layer_structures!r}")
         for pattern, structure in self.layer_structures.items():
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    f"layer_structures keys must be fnmatch patterns of module names (strings), got {type(pattern).__name__} "
+                    f"{pattern!r}; e.g. {{{str(pattern)!r}: {structure!r}}} (names as model.named_modules() gives them)"
+                )
             try:
                 parse_structure(structure)
             except ValueError as error:

@@ -117,6 +117,48 @@ def _checked_schedule(table: dict[str, Any], where: str) -> dict[str, Any]:
     return table
 
 
+RUN_KEYS = ("methods", "structure", "sparsities", "label", "pdp", "schedule", "seeds", "options")
+"""What a [[runs]] entry may set."""
+SET_BY_THE_ENTRY = ("sparsity", "structure")
+"""PruningConfig fields that a run's entry sets (and its key names): a `pdp` table may not change them."""
+
+
+def _checked_seeds(seeds: Any, where: str) -> list[int]:
+    """A non-empty list of integers >= 0 (the seeds of torch.manual_seed), else ValueError naming `where`."""
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 for seed in seeds):
+        raise ValueError(f"{where}: seeds must be a non-empty list of integers >= 0, got {seeds!r}; e.g. seeds = [0, 1, 2]")
+    return seeds
+
+
+def _checked_entry(entry: Any, index: int) -> None:
+    """Refuse a [[runs]] entry that would expand into other runs than it says: unknown keys, a string or a
+    number where a list belongs, empty lists. Raises ValueError naming the entry and the key."""
+    where = f"runs[{index}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: a [[runs]] entry is a table, got {entry!r}")
+    unknown = sorted(set(entry) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; a [[runs]] entry takes {list(RUN_KEYS)}")
+    methods = entry.get("methods")
+    if not isinstance(methods, list) or not methods or not all(isinstance(method, str) for method in methods):
+        example = f"[{methods!r}]" if isinstance(methods, str) else '["pdp"]'
+        raise ValueError(f"{where}: methods must be a non-empty list of names, some of {list(METHODS)}, got {methods!r}; e.g. methods = {example}")
+    if "sparsities" in entry:
+        sparsities = entry["sparsities"]
+        fractions = isinstance(sparsities, list) and all(
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1 for value in sparsities)
+        if not sparsities or not fractions:
+            example = f"[{sparsities!r}]" if isinstance(sparsities, int | float) and not isinstance(sparsities, bool) else "[0.9, 0.95]"
+            raise ValueError(f"{where}: sparsities must be a non-empty list of fractions in [0, 1), got {sparsities!r}; e.g. sparsities = {example}")
+    for key in ("pdp", "options", "schedule"):
+        if key in entry and not isinstance(entry[key], dict):
+            raise ValueError(f"{where}: {key} must be a table, e.g. {key} = {{ ... }}, got {entry[key]!r}")
+    if "label" in entry and not isinstance(entry["label"], str):
+        raise ValueError(f"{where}: label must be a string, got {entry['label']!r}")
+    if "seeds" in entry:
+        _checked_seeds(entry["seeds"], where)
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read a grid TOML file and expand it into runs. Raises ValueError naming the bad entry."""
     try:
@@ -131,12 +173,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise ValueError(f"grid {str(path)!r}: [train] has unknown fields {unknown}; TrainConfig takes {[f.name for f in fields(TrainConfig)]}")
     train_config = TrainConfig(**config.get("train", {}))
     schedule = _checked_schedule(config.get("schedule", {}), "[schedule]")
+    _checked_seeds(config["seeds"], f"grid {str(path)!r}")
     if not isinstance(config["runs"], list) or not config["runs"]:
         raise ValueError(f"grid {str(path)!r}: runs must be a non-empty list of [[runs]] tables")
     runs, unsupported = [], []
     for index, entry in enumerate(config["runs"]):
-        if not entry.get("methods"):
-            raise ValueError(f"runs[{index}]: give methods = [...], some of {list(METHODS)}")
+        _checked_entry(entry, index)
         entry_schedule = {**schedule, **_checked_schedule(entry.get("schedule", {}), f"runs[{index}]: schedule")}
         warmup_epochs = float(entry_schedule.get("warmup_epochs", 1))
         ramp_end_epoch = float(entry_schedule.get("ramp_end_epoch", train_config.epochs // 2))
@@ -151,7 +193,10 @@ def load_grid(path: str | os.PathLike) -> Grid:
             if method not in METHODS:
                 raise ValueError(f"runs[{index}]: unknown method {method!r}; choose from {list(METHODS)}")
             structure = entry.get("structure", "unstructured")
-            parsed = parse_structure(structure)
+            try:
+                parsed = parse_structure(structure)
+            except ValueError as error:
+                raise ValueError(f"runs[{index}]: {error}") from None
             sparsities = [0.0] if method == "dense" else entry.get("sparsities", [1 - parsed[0] / parsed[1]] if isinstance(parsed, tuple) else None)
             if sparsities is None:
                 raise ValueError(f"runs[{index}]: give sparsities for structure {structure!r}")
@@ -167,8 +212,6 @@ def load_grid(path: str | os.PathLike) -> Grid:
             if set(options) - set(allowed):
                 raise ValueError(f"runs[{index}]: {method!r} has no option {sorted(set(options) - set(allowed))}; its options: {list(allowed)}")
             seeds = entry.get("seeds", config["seeds"])
-            if not seeds or not all(isinstance(seed, int) for seed in seeds):
-                raise ValueError(f"runs[{index}]: seeds must be a non-empty list of integers, got {seeds!r}")
             for sparsity in sparsities:
                 for seed in seeds:
                     runs.append(RunSpec(
@@ -200,6 +243,12 @@ def _pdp_settings(config: dict[str, Any], entry: dict[str, Any]) -> dict[str, An
 def pdp_config(spec: RunSpec, steps_per_epoch: int) -> PruningConfig:
     """The PruningConfig of a PDP run: its sparsity, structure and schedule, with the entry's `pdp` overrides."""
     overrides = dict(spec.pdp)
+    clash = [name for name in SET_BY_THE_ENTRY if name in overrides]
+    if clash:
+        raise ValueError(
+            f"pdp settings may not set {clash}: the entry's sparsities and structure do, and name the run; "
+            "write them in the [[runs]] entry instead, e.g. sparsities = [0.5] and structure = \"2:4\""
+        )
     schedule = {"warmup_epochs": spec.warmup_epochs, "ramp_end_epoch": spec.ramp_end_epoch, **overrides.pop("schedule", {})}
     return PruningConfig.from_dict({
         "sparsity": spec.sparsity, "structure": spec.structure,

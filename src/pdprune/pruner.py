@@ -10,6 +10,7 @@ A *unit* is what one threshold decides over: a weight tensor (unstructured or N:
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -69,23 +70,35 @@ class PDPPruner:
         example_inputs: a batch the model accepts; needed only for the "channel" structure, to trace
             which channels are coupled: a tensor, a tuple of positional tensors, or a dict of keyword
             tensors (a Hugging Face batch).
+
+    Raises:
+        TypeError: `config` is not a PruningConfig (a sparsity, a dict: the message says how to build one).
+        ValueError, RuntimeError: what `attach` refuses, or anything failing once the masks are on (the
+            first budgets); either way the model is left as it was.
     """
 
     def __init__(self, model: nn.Module, config: PruningConfig | None = None, example_inputs: Any = None) -> None:
+        _check_config(config)
         self.model = model
         self.config = config if config is not None else PruningConfig()
         self.schedule = Schedule(self.config.schedule)
         self.budgets: dict[str, float] | None = None
         self.finalized = False
         self.hard_cut: dict[str, float] = {}  # after finalize: fraction of each tensor's effective energy cut
+        orders = {id(module): list(module._parameters) for module in model.modules()}
         attached = attach(model, self.config, example_inputs)
-        self.units, self.skipped = attached.units, attached.skipped
         self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
-        self._group_members = attached.group_members  # group -> its gated tensors
-        self._masks = [(unit, self._tensors[name][0].parametrizations[self._tensors[name][1]]) for name, unit in self.units.items()
-                       if isinstance(unit, SoftMask)]  # (mask, its ParametrizationList): what refresh() visits
-        self._optimizer_steps_seen = _OPTIMIZER_STEPS
-        self._update_sparsities()
+        self._parameter_orders = [(module, orders[id(module)]) for module in {id(m): m for m, _ in self._tensors.values()}.values()]
+        try:  # the masks are on the model now: any failure before the pruner exists takes them off again
+            self.units, self.skipped = attached.units, attached.skipped
+            self._group_members = attached.group_members  # group -> its gated tensors
+            self._masks = [(unit, self._tensors[name][0].parametrizations[self._tensors[name][1]]) for name, unit in self.units.items()
+                           if isinstance(unit, SoftMask)]  # (mask, its ParametrizationList): what refresh() visits
+            self._optimizer_steps_seen = _OPTIMIZER_STEPS
+            self._update_sparsities()
+        except BaseException:
+            _remove_masks(self._tensors, self._parameter_orders)
+            raise
         global _OPTIMIZER_HOOK
         _ATTACHED.add(self)
         if _OPTIMIZER_HOOK is None:
@@ -233,9 +246,10 @@ class PDPPruner:
             budgets = shared[0]
         emptied = [name for name, budget in budgets.items() if budget >= 1.0]
         if emptied:
+            remedy = ("Train dense first (warmup_epochs >= 1), keep the default allocation='lamp', or exclude them"
+                      if self.config.allocation == "global" else "Use allocation='uniform' or exclude them")
             warnings.warn(
-                f"global allocation prunes every weight of {emptied}; the network may lose those layers. "
-                "Use allocation='uniform' or exclude them",
+                f"{self.config.allocation} allocation prunes every weight of {emptied}; the network may lose those layers. {remedy}",
                 stacklevel=3,
             )
         return {name: budgets[name] for name in self.units}
@@ -346,9 +360,7 @@ class PDPPruner:
     def detach(self) -> nn.Module:
         """Remove the soft masks and restore the dense weights, as if the pruner had never been attached."""
         self._check_attached("detach()")
-        for module, tensor_name in self._tensors.values():
-            if parametrize.is_parametrized(module, tensor_name):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        _remove_masks(self._tensors, self._parameter_orders)
         self.finalized = True
         _ATTACHED.discard(self)
         return self.model
@@ -499,6 +511,31 @@ class PDPPruner:
                 f"{action} after finalize()/detach(): the masks are gone from the model. "
                 "Create a new PDPPruner to prune again"
             )
+
+
+def _check_config(config: Any) -> None:
+    """Refuse a config that is not a PruningConfig here, before the model is touched, with the way to build one."""
+    if config is None or isinstance(config, PruningConfig):
+        return
+    if isinstance(config, Mapping):
+        fix = f"build it from the dict: PDPPruner(model, PruningConfig.from_dict({dict(config)!r}))"
+    elif isinstance(config, numbers.Real) and not isinstance(config, bool):
+        fix = f"for a sparsity, pass PDPPruner(model, PruningConfig(sparsity={config!r}))"
+    else:
+        fix = "e.g. PDPPruner(model, PruningConfig(sparsity=0.9))"
+    raise TypeError(f"config must be a PruningConfig or None, got {type(config).__name__} {config!r}; {fix}")
+
+
+def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tuple[nn.Module, list[str]]]) -> None:
+    """Remove the parametrizations registered on `tensors`, putting back the dense Parameters they wrapped
+    in each module's order from before (`orders`), so that `state_dict()` lists its keys as it did."""
+    for module, tensor_name in tensors.values():
+        if parametrize.is_parametrized(module, tensor_name):
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    for module, order in orders:
+        for name in order:
+            if name in module._parameters:
+                module._parameters[name] = module._parameters.pop(name)  # to the end, in the old order
 
 
 def _write(buffers: list[Tensor], values: Tensor) -> None:

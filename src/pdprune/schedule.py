@@ -252,12 +252,15 @@ def lamp_budgets(squared_magnitudes: Mapping[str, Tensor], sparsity: float) -> d
 
     Scale-free across tensors (fan-in scaling does not decide which layer loses most) and the largest
     weight of every tensor scores 1, so no tensor is ever emptied. Not in the PDP paper: an option.
+    Where the weights at least as large sum to 0 (an all-zero tensor, e.g. a zero-initialized head),
+    they are tied, and score as any constant tensor does: 1 / (their count), so the largest still scores 1.
     """
     scores = {}
     for name, values in squared_magnitudes.items():
         ordered, order = values.detach().flatten().float().sort()
         tail_sums = ordered.flip(0).cumsum(0).flip(0)  # sum of the squares at least as large
+        tail_counts = torch.arange(ordered.numel(), 0, -1, dtype=ordered.dtype, device=ordered.device)  # how many at least as large
         score = torch.empty_like(ordered)
-        score[order] = ordered / tail_sums.clamp_min(torch.finfo(ordered.dtype).tiny)
+        score[order] = torch.where(tail_sums > 0, ordered / tail_sums.clamp_min(torch.finfo(ordered.dtype).tiny), 1 / tail_counts)
         scores[name] = score
     return global_budgets(scores, sparsity)
