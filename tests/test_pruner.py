@@ -374,6 +374,10 @@ def test_tied_weights_share_one_mask_count_once_and_stay_tied(tmp_path):
     assert int((model.output.weight == 0).sum()) == 400
     with pytest.raises(ValueError, match=r"'output' shares its weight with \['embedding'\]; tied weights cannot be channel-pruned"):
         PDPPruner(TiedLanguageModel(), PruningConfig(structure="channel", include=("output",)), example_inputs=ids)
+    untouched = TiedLanguageModel()
+    with pytest.raises(ValueError, match=r"\['embedding', 'output'\] share one weight but ask for different structures"):
+        PDPPruner(untouched, PruningConfig(module_types=("Linear", "Embedding"), layer_structures={"output": "2:4"}))
+    assert not any(parametrize.is_parametrized(module) for module in untouched.modules())
 
 
 def test_a_module_reused_under_two_names_is_masked_once():

@@ -183,6 +183,10 @@ def _build_units(
         weight = module.weight
         if id(weight) in masked_weights:
             continue  # tied to a weight masked already: one mask serves every module that shares it
+        asked = {holder: config.structure_of(holder) for holder, _ in ties.get(id(weight), ()) if holder in selected}
+        if len(set(asked.values())) > 1:
+            raise ValueError(f"{sorted(asked)} share one weight but ask for different structures {asked}; "
+                             "give them one structure in layer_structures, or exclude all but one")
         if structure == "channel":
             if len(ties.get(id(weight), ())) > 1:
                 skipped[f"{name}.weight"] = (f"{name!r} shares its weight with {[n for n, _ in ties[id(weight)] if n != name]}; tied weights "
