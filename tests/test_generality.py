@@ -207,3 +207,82 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+# --- attention pdprune cannot read, fused projections ----------------------------------------------
+
+IMMEDIATE = ScheduleConfig(warmup_epochs=0, ramp_end_epoch=0)
+DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+UNREAD_ATTENTION = {  # fused query_key_value (GPT-NeoX, Falcon's grouped heads), fused qkv_proj with grouped-query attention (Phi-3)
+    "gpt_neox": dict(DECODER, intermediate_size=128),
+    "phi3": dict(DECODER, num_key_value_heads=2, intermediate_size=128, pad_token_id=0),
+    "falcon": dict(DECODER, num_kv_heads=2, new_decoder_architecture=True),
+}
+
+
+def _decoder(architecture: str, **overrides) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(architecture, **(UNREAD_ATTENTION[architecture] | overrides)))
+
+
+def _compact_and_reload(model: torch.nn.Module, fresh: torch.nn.Module, tmp_path) -> torch.nn.Module:
+    """compact(), then save_compacted() and load_compacted() into `fresh`: all three compute the same."""
+    from pdprune import load_compacted, save_compacted
+
+    batch = _text(False)
+    small = compact(model, batch)
+    save_compacted(tmp_path / "small.pt", small, batch)
+    loaded = load_compacted(tmp_path / "small.pt", fresh)
+    for a, b, c in zip(_outputs(model, batch), _outputs(small, batch), _outputs(loaded, batch)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c, b)
+    return small
+
+
+@pytest.mark.parametrize("architecture", list(UNREAD_ATTENTION))
+def test_models_with_attention_pdprune_cannot_read_compact_their_mlp_and_reload(architecture, tmp_path):
+    """Compaction and reloading skip exactly the projections attaching skipped (all of them, selected or
+    not): before, they rooted channel groups at fused attention projections and crashed."""
+    model = _decoder(architecture)
+    plain = compact(model, _text(False))  # nothing pruned: nothing removed
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", include=("*mlp*",), schedule=IMMEDIATE),
+                           example_inputs=_text(False))
+        pruner.finalize()
+    assert pruner.report().groups and all(group.pruned == group.channels // 2 for group in pruner.report().groups)
+    small = _compact_and_reload(model, _decoder(architecture), tmp_path)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", [dict(exclude=("*self_attention*",)), dict(layer_structures={"*self_attention*": "unstructured"})])
+def test_falcon_s_grouped_heads_follow_the_advice_to_leave_the_attention_out(how):
+    """Falcon's new decoder architecture: an unselected fused projection became a Torch-Pruning root, whose
+    index mapping divides by zero; no attention projection is a root, selected or not."""
+    model = _decoder("falcon")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE, **how), example_inputs=_text(False))
+    assert sorted(group.name for group in pruner.report().groups) == [f"transformer.h.{i}.mlp.dense_h_to_4h" for i in range(2)]
+
+
+def test_a_fused_gate_up_projection_prunes_whole_neurons(tmp_path):
+    """Phi-3's gate_up_proj holds [gate | up]: rows i and i + 128 feed neuron i, so they are one unit (before,
+    each row was its own, and 77% of the neurons died at 50%; reloading the compacted model failed)."""
+    model = _decoder("phi3", num_key_value_heads=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", include=("*mlp*",), schedule=IMMEDIATE),
+                           example_inputs=_text(False))
+        pruner.finalize()
+    assert [(group.name, group.channels, group.pruned) for group in pruner.report().groups] == [
+        (f"model.layers.{i}.mlp.gate_up_proj", 128, 64) for i in range(2)]
+    weight = model.model.layers[0].mlp.gate_up_proj.weight  # (2 * 128, 64): [gate | up]
+    gate_dead, up_dead = (weight[:128] == 0).all(1), (weight[128:] == 0).all(1)
+    assert torch.equal(gate_dead, up_dead) and int(gate_dead.sum()) == 64
+    small = _compact_and_reload(model, _decoder("phi3", num_key_value_heads=4), tmp_path)
+    assert tuple(small.model.layers[0].mlp.gate_up_proj.weight.shape) == (128, 64)
+    assert tuple(small.model.layers[0].mlp.down_proj.weight.shape) == (64, 64)

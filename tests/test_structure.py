@@ -298,3 +298,46 @@ def test_channel_mask_gradient_is_the_derivative_of_what_the_forward_computes():
                 down = float(loss())
                 original[index] += step
             assert float(original.grad[index]) == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-9), index
+
+
+def test_a_grouped_convolution_s_channels_stay_dense_and_the_rest_compacts():
+    """A grouped conv (groups=2, not depthwise) needs as many channels removed from each of its groups;
+    PDP's scores do not keep that, so its groups are refused at attach, whatever the exactness probe says."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    example = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"'0': \"'2' is a grouped convolution \(groups=2\): removing its channels needs as many from each"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example)
+    assert sorted(pruner.units) == ["4"] and {"channel group 0", "channel group 2"} <= set(pruner.report().skipped)
+    pruner.finalize()
+    small = compact(model, example)
+    assert small[4].out_channels == 4 and small[2].weight.shape == model[2].weight.shape
+
+
+def test_an_error_inside_torch_pruning_leaves_that_group_dense_and_names_its_layer(monkeypatch):
+    """Torch-Pruning's index mappings can fail (Falcon's grouped heads divide by zero): that group is
+    reported with the error, the others are pruned."""
+    import torch_pruning
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    original = torch_pruning.DependencyGraph.get_pruning_group
+
+    def failing(graph, module, *args, **kwargs):
+        if module is model[0]:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return original(graph, module, *args, **kwargs)
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "get_pruning_group", failing)
+    with pytest.warns(UserWarning, match=r"'0': 'Torch-Pruning could not follow these channels through the model \(ZeroDivisionError"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=torch.randn(2, 8))
+    assert sorted(pruner.units) == ["2"]
+
+
+def test_loading_into_a_model_of_other_sizes_names_the_mismatched_tensors(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    example = torch.randn(2, 8)
+    PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example).finalize()
+    save_compacted(tmp_path / "small.pt", compact(model, example), example)
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    with pytest.raises(ValueError, match=r"does not fit this architecture: size mismatch for 2\.weight: copying a param with shape torch\.Size\(\[4, 8\]\)"):
+        load_compacted(tmp_path / "small.pt", other)

@@ -7,7 +7,7 @@ reads them, ...). Attention blocks are opaque to it here (its customized-layer m
 channels inside one must follow the heads, which `attention.py` finds. We trust a unit only after
 checking it: the model with some of its channels (heads) zeroed must compute the same as the model with
 them removed. Units that fail (a zero-padded "option A" shortcut, a position bias shared between
-layers) are left dense and reported.
+layers, a grouped convolution) are left dense and reported.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,54 +135,159 @@ def _producers() -> tuple[type[nn.Module], ...]:
     return tuple(layer_type.module_type for layer_type in layer_types().values() if layer_type.name != "Embedding")
 
 
-def _groups(
-    model: nn.Module, graph, attention: list[AttentionSpec], skip: Iterable[str] = ()
-) -> Iterable[tuple[nn.Module, Any, dict[str, dict[int, int]], bool]]:
-    """(root module, root pruning function, member name -> {root channel: member channel}, supported),
-    one per group of coupled output channels, each found within the time bound. Projections inside
-    attention are no roots: their channels go by heads (`attention.py`), and following them through
-    grouped-query attention's reshapes can send Torch-Pruning into an endless loop."""
+@dataclass(frozen=True)
+class _ChannelGroup:
+    """One group of coupled output channels, rooted at `root` (named `root_name`, pruned by `handler`).
+
+    `members`: each coupled layer -> its output channels, one list per unit. A unit is a root channel
+    with every root channel coupled to it (usually none; a fused [gate | up] projection's rows i and
+    i + n feed the same neuron), so a unit's channels are scored, zeroed and removed together.
+    `reason` says why the group cannot be pruned (`members` may then be empty), or is None.
+    """
+
+    root: nn.Module
+    root_name: str
+    handler: Any
+    members: dict[str, list[list[int]]]
+    reason: str | None = None
+
+    def root_channels(self, units: Iterable[int]) -> list[int]:
+        return [channel for unit in units for channel in self.members[self.root_name][unit]]
+
+
+def _groups(model: nn.Module, graph, skip: Iterable[str]) -> Iterator[_ChannelGroup]:
+    """One `_ChannelGroup` per group of coupled output channels, each found within the time bound.
+    Layers in `skip` (`_inside_attention`) are no roots. An error Torch-Pruning raises while following
+    a group's channels makes a group with that reason, not a crash: the model is untouched either way."""
     names = {module: name for name, module in model.named_modules()}
-    heads = {model.get_submodule(name) for spec in attention for name in (spec.query, spec.key, spec.value)}
-    heads |= {model.get_submodule(name) for name in skip}
+    skip = {model.get_submodule(name) for name in skip}
     outputs = {module for module, node in graph.module2node.items() if not node.outputs}
     producers = _producers()
     visited: set[nn.Module] = set()
     for root in list(graph.module2node):
-        if not isinstance(root, producers) or root in outputs or root not in names or root in visited or root in heads:
+        if not isinstance(root, producers) or root in outputs or root not in names or root in visited or root in skip:
             continue
         pruner = graph.get_pruner_of_module(root)
         if pruner is None or pruner.get_out_channels(root) is None:
             continue
         handler = pruner.prune_out_channels
-        with _time_bound(f"the channels of {names[root]!r}"):
-            group = graph.get_pruning_group(root, handler, idxs=list(range(pruner.get_out_channels(root))))
-        members: dict[str, dict[int, int]] = {}
-        supported = True
+        try:
+            with _time_bound(f"the channels of {names[root]!r}"):
+                group = graph.get_pruning_group(root, handler, idxs=list(range(pruner.get_out_channels(root))))
+                units = _coupled_root_channels(root, group, graph)
+        except TimeoutError:
+            raise
+        except Exception as error:  # Torch-Pruning's index mappings fail on some reshapes (e.g. ZeroDivisionError)
+            yield _ChannelGroup(root, names[root], handler, {}, f"Torch-Pruning could not follow these channels through the model "
+                                                                f"({type(error).__name__}: {error}); they stay dense")
+            continue
         for item in group:
-            module = item.dep.target.module
             if graph.is_out_channel_pruning_fn(item.dep.handler):
-                visited.add(module)
-            if not graph.is_out_channel_pruning_fn(item.dep.handler) or module not in names:
-                continue
-            if not any(True for _ in module.parameters(recurse=False)):
-                continue
-            if not isinstance(module, producers + NORM_TYPES) or module in outputs:
-                supported = False
-            members[names[module]] = {int(r): int(i) for r, i in zip(item.root_idxs, item.idxs)}
-        yield root, handler, members, supported
+                visited.add(item.dep.target.module)
+        yield _group_of(root, names, handler, group, units, graph, outputs)
 
 
-def _unrecognized_attention(model: nn.Module, attention: list[AttentionSpec], selected: set[str]) -> dict[str, list[str]]:
-    """Modules named like attention, not recognized, that hold selected layers: name -> those layers."""
+def _group_of(root: nn.Module, names: dict[nn.Module, str], handler, group, units: list[set[int]], graph, outputs: set[nn.Module]) -> _ChannelGroup:
+    """The members of Torch-Pruning's `group` (rooted at `root`, all its channels) by `units` (sets of
+    root channels), and why it cannot be pruned, if so."""
+    producers = _producers()
+    pairs: dict[str, list[tuple[int, int]]] = {}  # member -> (root channel, its channel)
+    reason = None
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not module.groups == module.in_channels == module.out_channels:
+            reason = reason or (f"{names.get(module, type(module).__name__)!r} is a grouped convolution (groups={module.groups}): removing its "
+                                "channels needs as many from each of its groups, which PDP's channel scores do not keep. "
+                                "Exclude it, or prune it with an unstructured or N:M structure (layer_structures)")
+        if not graph.is_out_channel_pruning_fn(item.dep.handler) or module not in names:
+            continue
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if not isinstance(module, producers + NORM_TYPES) or module in outputs:
+            reason = reason or "a coupled layer is not a prunable layer or BatchNorm (e.g. an embedding, a LayerNorm), or is a model output"
+        pairs.setdefault(names[module], []).extend((int(r), int(i)) for r, i in zip(item.root_idxs, item.idxs) if r is not None)
+    unit_of = {channel: position for position, unit in enumerate(units) for channel in unit}
+    members = {}
+    for member, mapping in pairs.items():
+        positions: list[set[int]] = [set() for _ in units]
+        for r, i in mapping:
+            positions[unit_of[r]].add(i)
+        members[member] = [sorted(p) for p in positions]
+        if len({len(positions) for positions in members[member]}) != 1 or not members[member][0]:
+            reason = reason or f"{member!r} holds only some of the channels, or a varying number per channel"
+    if len({len(unit) for unit in units}) != 1:
+        reason = reason or "Torch-Pruning couples these channels in blocks of different sizes"
+    return _ChannelGroup(root, names[root], handler, members, reason)
+
+
+def _coupled_root_channels(root: nn.Module, group, graph) -> list[set[int]]:
+    """The root's channels that must go together, as sets ordered by their first channel.
+
+    Torch-Pruning records each index of each part of `group` (all root channels) once, under the first
+    root channel that reached it, and drops later arrivals: a fused [gate | up] projection's rows i and
+    i + n meet in one neuron, yet the group shows them apart. Following every dependency of every part
+    one step again shows where two root channels meet.
+    """
+    hybrid_index = torch_pruning()._helpers._HybridIndex
+    parent = list(range(graph.get_pruner_of_module(root).get_out_channels(root)))
+    first_arrival: dict[tuple[Any, Any, int], int] = {}  # (node, pruning function, index) -> a root channel that reaches it
+
+    def find(channel: int) -> int:
+        while parent[channel] != channel:
+            parent[channel] = parent[parent[channel]]
+            channel = parent[channel]
+        return channel
+
+    def arrive(node, handler, indices) -> None:
+        for index in indices:
+            if index.root_idx is not None:
+                parent[find(first_arrival.setdefault((node, handler, int(index.idx)), int(index.root_idx)))] = find(int(index.root_idx))
+
+    for item in group:
+        indices = [hybrid_index(idx=int(i), root_idx=r) for r, i in zip(item.root_idxs, item.idxs)]
+        arrive(item.dep.target, item.dep.handler, indices)
+        for dependency in item.dep.target.dependencies:
+            if not dependency.is_triggered_by(item.dep.handler):
+                continue
+            mapped = indices
+            for mapping in dependency.index_mapping:
+                mapped = mapping(mapped) if mapping is not None else mapped
+            arrive(dependency.target, dependency.handler, mapped)
+    components: dict[int, set[int]] = {}
+    for channel in range(len(parent)):
+        components.setdefault(find(channel), set()).add(channel)
+    return sorted(components.values(), key=min)
+
+
+def _unrecognized_attention_modules(model: nn.Module, attention: list[AttentionSpec]) -> list[str]:
+    """Modules named like attention that `attention.py` did not recognize (nor any module in or around them)."""
     recognized = [spec.module for spec in attention]
-    found: dict[str, list[str]] = {}
+    found = []
     for name, module in model.named_modules():
         kind = type(module).__name__.lower()
         if "attention" not in kind and "attn" not in kind:
             continue
-        if any(name == other or name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in recognized):
-            continue
+        if not any(name == other or name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in recognized):
+            found.append(name)
+    return found
+
+
+def _inside_attention(model: nn.Module, attention: list[AttentionSpec]) -> set[str]:
+    """The layers inside attention modules, recognized or not, selected or not: never roots of channel
+    groups, at attach, compaction and reloading alike. Their channels go by heads (`attention.py`), and
+    Torch-Pruning cannot follow them through attention's reshapes: it maps them to wrong or negative
+    indices, divides by zero (Falcon's grouped heads) or loops forever (grouped-query attention)."""
+    inside = {name for spec in attention for name in spec.projections}
+    producers = _producers()
+    for name in _unrecognized_attention_modules(model, attention):
+        inside |= {f"{name}.{sub}" for sub, module in model.get_submodule(name).named_modules() if sub and isinstance(module, producers)}
+    return inside
+
+
+def _unrecognized_attention(model: nn.Module, attention: list[AttentionSpec], selected: set[str]) -> dict[str, list[str]]:
+    """Modules named like attention, not recognized, that hold selected layers: name -> those layers."""
+    found: dict[str, list[str]] = {}
+    for name in _unrecognized_attention_modules(model, attention):
         inside = [n for n in selected if n.startswith(f"{name}.")]
         if inside and not any(inside[0].startswith(f"{other}.") for other in found):
             found[name] = sorted(inside)
@@ -193,18 +299,16 @@ def _output_dim(module: nn.Module) -> int:
     return 0 if layer_type is None else layer_type.output_dim
 
 
-def _channel_spec(name: str, members: dict[str, dict[int, int]], root_name: str, producers: tuple[str, ...], model: nn.Module) -> UnitSpec:
-    roots = sorted(members[root_name])
+def _channel_spec(name: str, group: _ChannelGroup, producers: tuple[str, ...], model: nn.Module) -> UnitSpec:
     scoring, gated = [], []
-    for member, mapping in members.items():
+    for member, positions in group.members.items():
         module = model.get_submodule(member)
-        positions = [[mapping[r]] for r in roots]
         if member in producers:
             scoring.append(Slice(member, "weight", _output_dim(module), positions))
         gated.append(Slice(member, "weight", _output_dim(module), positions))
         if getattr(module, "bias", None) is not None:
             gated.append(Slice(member, "bias", 0, positions))
-    return UnitSpec(name, "channel", len(roots), scoring, gated)
+    return UnitSpec(name, "channel", len(group.members[group.root_name]), scoring, gated)
 
 
 def _zero(model: nn.Module, spec: UnitSpec, units: list[int]) -> None:
@@ -223,7 +327,7 @@ def _remove(model: nn.Module, spec: UnitSpec, units: list[int], graph, attention
     root_piece = spec.scoring[0]
     root = model.get_submodule(root_piece.module)
     handler = graph.get_pruner_of_module(root).prune_out_channels
-    graph.get_pruning_group(root, handler, idxs=[root_piece.positions[unit][0] for unit in units]).prune()
+    graph.get_pruning_group(root, handler, idxs=[channel for unit in units for channel in root_piece.positions[unit]]).prune()
 
 
 def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: ExampleInputs) -> bool:
@@ -261,16 +365,14 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     finally:
         model.train(was_training)
     attention = find_attention(model, example_inputs)
-    inside_attention = {name for spec in attention for name in spec.projections}
+    inside_attention = _inside_attention(model, attention)
     candidates, skipped = [], {}
-    unrecognized = _unrecognized_attention(model, attention, selected)
-    for name, projections in unrecognized.items():
+    for name, projections in _unrecognized_attention(model, attention, selected).items():
         skipped[f"{name} heads"] = (
             f"{type(model.get_submodule(name)).__name__} looks like attention but pdprune cannot tell where its heads lie "
             f"(query, key and value projections and a head count or head size); its projections {projections[:4]} stay dense. "
             "Exclude them, or prune them with an unstructured or N:M structure (layer_structures)"
         )
-        inside_attention |= set(projections)
     for spec in attention:
         projections = set(spec.projections)
         if not projections & selected:
@@ -283,20 +385,20 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
             continue
         candidates.append(spec.unit_spec(model))
     graph = _dependency_graph(model, example_inputs, attention)
-    names = {module: name for name, module in model.named_modules()}
-    order = {name: position for position, name in enumerate(names.values())}
+    order = {name: position for position, (name, _) in enumerate(model.named_modules())}
     producer_types = _producers()
-    for root, _, members, supported in _groups(model, graph, attention, skip=inside_attention):
+    for group in _groups(model, graph, skip=inside_attention):
+        members = group.members or {group.root_name: []}  # Torch-Pruning failed: only the root is known
         producers = tuple(sorted((n for n in members if isinstance(model.get_submodule(n), producer_types)), key=order.get))
         if not producers or not set(producers) & selected or set(producers) <= inside_attention:
             continue
         name = producers[0]
-        if not supported:
-            skipped[name] = "a coupled layer is not a prunable layer or BatchNorm (e.g. an embedding, a LayerNorm), or is a model output"
+        if group.reason:
+            skipped[name] = group.reason
         elif not set(producers) <= selected:
             skipped[name] = f"coupled with layers not selected for channel pruning: {sorted(set(producers) - selected)[:4]}"
         else:
-            candidates.append(_channel_spec(name, members, names[root], producers, model))
+            candidates.append(_channel_spec(name, group, producers, model))
     if candidates and not _removal_is_exact(model, candidates, example_inputs):
         safe = []
         for candidate in candidates:
@@ -335,14 +437,13 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     attention = find_attention(compacted, example_inputs)
     graph = _dependency_graph(compacted, example_inputs, attention)
     removals = []
-    for root, handler, members, supported in _groups(compacted, graph, attention):
-        if not supported or not members:
-            continue
-        root_channels = set.intersection(*(set(mapping) for mapping in members.values()))
-        dead = [r for r in sorted(root_channels) if all(_channel_is_zero(compacted.get_submodule(n), members[n][r]) for n in members)]
-        if dead and len(dead) < len(root_channels):
-            root_name = next(n for n, m in compacted.named_modules() if m is root)
-            removals.append((root, handler, [members[root_name][r] for r in dead]))
+    for group in _groups(compacted, graph, skip=_inside_attention(compacted, attention)):
+        if group.reason:
+            continue  # never pruned (find_structured_units left it dense for this reason)
+        units = range(len(group.members[group.root_name]))
+        dead = [u for u in units if all(_channels_are_zero(compacted.get_submodule(n), positions[u]) for n, positions in group.members.items())]
+        if dead and len(dead) < len(units):
+            removals.append((group.root, group.handler, group.root_channels(dead)))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
     model_state, compacted_state = model.training, compacted.training
@@ -357,10 +458,11 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     return compacted
 
 
-def _channel_is_zero(module: nn.Module, channel: int) -> bool:
+def _channels_are_zero(module: nn.Module, channels: list[int]) -> bool:
     dim = _output_dim(module)
     tensors = [(module.weight, dim), (getattr(module, "bias", None), 0)]
-    return all(t is None or not bool(t.select(d, channel).any()) for t, d in tensors)
+    index = torch.tensor(channels, dtype=torch.long)
+    return all(t is None or not bool(t.index_select(d, index.to(t.device)).any()) for t, d in tensors)
 
 
 def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -> tuple[int, int]:
@@ -408,19 +510,23 @@ def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             spec.remove_units(model, list(range(removed)))
     attention = find_attention(model, example_inputs)
     graph = _dependency_graph(model, example_inputs, attention)
-    names = {module: name for name, module in model.named_modules()}
     removals = []
-    for root, handler, _, _ in _groups(model, graph, attention):
-        key = f"{names[root]}.weight"
-        dim = _output_dim(root)
-        if key in saved and saved[key].shape[dim] < root.weight.shape[dim]:
-            removals.append((root, handler, list(range(root.weight.shape[dim] - saved[key].shape[dim]))))
+    for group in _groups(model, graph, skip=_inside_attention(model, attention)):
+        key, dim = f"{group.root_name}.weight", _output_dim(group.root)
+        if group.reason or key not in saved:
+            continue  # never compacted
+        units = group.members[group.root_name]
+        missing = group.root.weight.shape[dim] - saved[key].shape[dim]
+        if missing > 0:
+            removals.append((group.root, group.handler, group.root_channels(range(missing // len(units[0])))))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
     try:
         model.load_state_dict(saved)
     except RuntimeError as error:
-        raise ValueError(f"{str(path)!r} does not fit this architecture: {str(error).splitlines()[0]}. Pass a fresh instance of the model that was compacted") from error
+        mismatches = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+        raise ValueError(f"{str(path)!r} does not fit this architecture: {mismatches or error}. "
+                         "Pass a fresh instance of the model that was compacted") from error
     return model
 
 
