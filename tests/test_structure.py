@@ -205,6 +205,8 @@ def test_finalize_then_compact_keeps_outputs_and_removes_the_channels(name, buil
     report = pruner.report()
     for group in report.groups:
         assert group.pruned == round(0.5 * group.channels)
+    with pytest.raises(TypeError, match=r"rejected example_inputs tensor\(2, 5\) float32 when called as model\(example_inputs\)"):
+        compact(model, torch.randn(2, 5))
     small = compact(model, example)
     model.eval(), small.eval()
     x = torch.randn(shape)

@@ -348,6 +348,18 @@ def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: E
         return False  # the removal broke the model
 
 
+def _check_inputs(model: nn.Module, example_inputs: ExampleInputs) -> None:
+    """Call the model once in eval mode: inputs it rejects get `call_model`'s clear error here, before
+    any tracing or copying, not a raw one from deep inside."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+
+
 def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selected: set[str]) -> tuple[list[UnitSpec], dict[str, str]]:
     """Attention heads and groups of coupled output channels whose producers are all in `selected`.
 
@@ -357,13 +369,7 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
         TypeError: the model rejects `example_inputs`.
         TimeoutError: Torch-Pruning's graph did not finish in time (the part is named).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)  # a clear error for inputs the model rejects, before any tracing
-    finally:
-        model.train(was_training)
+    _check_inputs(model, example_inputs)
     attention = find_attention(model, example_inputs)
     inside_attention = _inside_attention(model, attention)
     candidates, skipped = [], {}
@@ -427,8 +433,10 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     Raises:
         ValueError: the model still has PDP's masks attached (finalize() first).
         RuntimeError: the compacted copy computes something else (the input model is left untouched).
+        TypeError: the model rejects `example_inputs`.
     """
     refuse_parametrized(model, "compact()")
+    _check_inputs(model, example_inputs)
     compacted = copy.deepcopy(model)
     for spec in find_attention(compacted, example_inputs):
         dead = spec.dead_units(compacted)
