@@ -103,3 +103,33 @@ def test_compiled_masks_follow_a_fused_optimizer_when_the_pruner_steps_once_per_
         optimizer.zero_grad()
         if step % 4 == 3:
             pruner.step()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_compiled_model_resumed_in_either_order_computes_with_the_loaded_weights(name):
+    """Thresholds are not part of any state: loading the model's weights must recompute them, since a
+    compiled forward pass cannot, whether the pruner's state was loaded before or after."""
+    example = _batch(0)[0]
+    trained = _model()
+    pruner = PDPPruner(trained, CONFIGS[name], example_inputs=example)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for step in range(5):
+        x, y = _batch(step)
+        nn.functional.cross_entropy(trained(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    for pruner_first in (True, False):
+        resumed = _model()
+        resumed_pruner = PDPPruner(resumed, CONFIGS[name], example_inputs=example)
+        masked = [(tensor, resumed.get_submodule(tensor.rpartition(".")[0]).parametrizations[tensor.rpartition(".")[2]])
+                  for tensor in _reference(resumed)]
+        compiled_masks = torch.compile(lambda: [chain() for _, chain in masked], fullgraph=True)
+        compiled_masks()
+        if pruner_first:
+            resumed_pruner.load_state_dict(pruner.state_dict())
+        resumed.load_state_dict(trained.state_dict())
+        if not pruner_first:
+            resumed_pruner.load_state_dict(pruner.state_dict())
+        for (tensor, value), compiled_value in zip(_reference(trained).items(), compiled_masks()):
+            torch.testing.assert_close(compiled_value, value, rtol=1e-5, atol=1e-6, msg=f"{tensor}, pruner state loaded first: {pruner_first}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -55,6 +55,19 @@ def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwarg
         parameters = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
         for pruner in pruners:
             pruner._refresh(force=True, parameters=parameters)
+
+
+def _refresh_after_loading(pruner: weakref.ref[PDPPruner]) -> Callable[[nn.Module, Any], None]:
+    """A post-hook for the model's `load_state_dict`: new weights need new thresholds, which are not part of
+    the state (a compiled forward pass cannot recompute them, and the pruner's own state may have been
+    loaded first)."""
+
+    def refresh(module: nn.Module, incompatible_keys: Any) -> None:
+        attached = pruner()
+        if attached is not None and not attached.finalized:
+            attached.refresh()
+
+    return refresh
 
 
 class PDPPruner:
@@ -99,6 +112,7 @@ class PDPPruner:
         except BaseException:
             _remove_masks(self._tensors, self._parameter_orders)
             raise
+        self._load_hook = model.register_load_state_dict_post_hook(_refresh_after_loading(weakref.ref(self)))
         global _OPTIMIZER_HOOK
         _ATTACHED.add(self)
         if _OPTIMIZER_HOOK is None:
@@ -140,8 +154,8 @@ class PDPPruner:
     def refresh(self) -> None:
         """Recompute every threshold from the current weights.
 
-        `step()` does, and so does every `torch.optim` optimizer's `step()` while the pruner is attached;
-        call it yourself after changing weights by other means: through `p.data` (which bumps no version
+        `step()` does, and so do every `torch.optim` optimizer's `step()` and the model's `load_state_dict`
+        while the pruner is attached; call it yourself after changing weights by other means: through `p.data` (which bumps no version
         counter, so nothing can notice), or before a forward pass under `torch.compile` (an eager forward
         pass refreshes a weight changed in place under `torch.no_grad()` by itself).
         """
@@ -281,6 +295,7 @@ class PDPPruner:
                 getattr(self.model.get_submodule(module_name), tensor_name).copy_(value)
         self.finalized = True
         _ATTACHED.discard(self)
+        self._load_hook.remove()
         return self.model
 
     def finalized_state_dict(self) -> dict[str, Tensor]:
@@ -363,6 +378,7 @@ class PDPPruner:
         _remove_masks(self._tensors, self._parameter_orders)
         self.finalized = True
         _ATTACHED.discard(self)
+        self._load_hook.remove()
         return self.model
 
     def report(self) -> SparsityReport:
