@@ -70,7 +70,7 @@ def test_transformers_callback_on_a_small_bert(tmp_path, structure):
     import transformers
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-    from pdprune.integrations.transformers import STATE_FILE, PDPTrainerCallback
+    from pdprune.integrations.transformers import STATE_KEY, PDPTrainerCallback
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -94,7 +94,8 @@ def test_transformers_callback_on_a_small_bert(tmp_path, structure):
         config = PruningConfig(sparsity=0.75, structure=structure, module_types=("Linear",), exclude=("classifier",),
                                schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2))
         callback = PDPTrainerCallback(model, config)
-        arguments = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_train_epochs=4, max_steps=steps,
+        arguments = TrainingArguments(output_dir=str(tmp_path / ("resumed" if resume else "out")), per_device_train_batch_size=16,
+                                      num_train_epochs=4, max_steps=steps,
                                       save_steps=8, save_strategy="steps", logging_steps=4, report_to=[], learning_rate=1e-3,
                                       use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
         trainer = Trainer(model=model, args=arguments, train_dataset=Examples(), callbacks=[callback])
@@ -109,10 +110,10 @@ def test_transformers_callback_on_a_small_bert(tmp_path, structure):
     else:
         total = sum(m.weight.numel() for m in linears.values())
         assert sum(int((m.weight == 0).sum()) for m in linears.values()) == round(0.75 * total)
-    state = json.loads((tmp_path / "out" / "checkpoint-8" / STATE_FILE).read_text())
+    state = json.loads((tmp_path / "out" / "checkpoint-8" / "trainer_state.json").read_text())["stateful_callbacks"][STATE_KEY]
     assert state["schedule"]["steps_done"] == 8
 
-    resumed_model, resumed = run(16, resume=True)
+    resumed_model, resumed = run(16, resume=True)  # into another output_dir: the state comes from the checkpoint resumed from
     assert resumed.pruner.finalized and resumed.pruner.budgets == callback.pruner.budgets
     for name, module in linears.items():
         torch.testing.assert_close(dict(resumed_model.named_modules())[name].weight, module.weight, rtol=1e-4, atol=1e-5)

@@ -343,3 +343,5 @@ def test_loading_into_a_model_of_other_sizes_names_the_mismatched_tensors(tmp_pa
     other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
     with pytest.raises(ValueError, match=r"does not fit this architecture: size mismatch for 2\.weight: copying a param with shape torch\.Size\(\[4, 8\]\)"):
         load_compacted(tmp_path / "small.pt", other)
+    with pytest.raises(ValueError, match=r"does not fit this architecture: Sequential rejected example_inputs tensor\(2, 8\)"):
+        load_compacted(tmp_path / "small.pt", nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 4)))

@@ -512,6 +512,10 @@ def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise ValueError(f"{str(path)!r} is not a compacted pdprune model (format {state.get('format')!r}); use torch.load for plain files")
     saved = state["state_dict"]
     example_inputs = inputs_from_description(state["example_inputs"])
+    try:
+        _check_inputs(model, example_inputs)
+    except TypeError as error:  # another architecture than the one compacted: it takes other inputs
+        raise ValueError(f"{str(path)!r} does not fit this architecture: {error}. Pass a fresh instance of the model that was compacted") from error
     for spec in find_attention(model, example_inputs):
         removed = spec.units_removed_in(model, saved)
         if removed:

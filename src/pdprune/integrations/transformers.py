@@ -2,15 +2,12 @@
 
 The callback attaches PDP when it is created, so that the Trainer saves and, on resume, loads the
 pruned model's weights (its state is tensors only: safetensors takes it). It steps the schedule after
-every optimizer step, writes the pruner state next to each Trainer checkpoint and reads it back when
-training resumes from one, logs the model's sparsity, and finalizes when training ends.
+every optimizer step, keeps the pruner state in the Trainer's own state (so each checkpoint's
+`trainer_state.json` holds it, and resuming reads it from the checkpoint resumed from, wherever that
+lies), logs the model's sparsity, and finalizes when training ends.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -21,9 +18,9 @@ from torch import Tensor, nn
 from pdprune.config import PruningConfig
 from pdprune.pruner import PDPPruner
 
-__all__ = ["PDPTrainerCallback", "STATE_FILE"]
+__all__ = ["PDPTrainerCallback", "STATE_KEY"]
 
-STATE_FILE = "pdprune_pruner.json"
+STATE_KEY = "pdprune"  # the pruner state's entry in TrainerState.stateful_callbacks
 
 
 class PDPTrainerCallback(TrainerCallback):
@@ -43,33 +40,26 @@ class PDPTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, train_dataloader=None, **kwargs) -> None:
         """Derive `steps_per_epoch` from the dataloader if it was left at 1; when resuming, load the pruner
-        state saved next to the checkpoint.
+        state from the Trainer state the checkpoint restored.
 
         Raises:
-            FileNotFoundError: resuming from a checkpoint that has no `pdprune_pruner.json`.
+            ValueError: resuming from a checkpoint written without this callback (no pruner state in it).
         """
         if self.config.schedule.steps_per_epoch == 1 and train_dataloader is not None:
             self.pruner.reschedule(max(1, len(train_dataloader) // args.gradient_accumulation_steps))
         if state.global_step > 0:  # resuming: the Trainer has loaded the weights and its own state
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"resuming at step {state.global_step} but {path} is missing: the checkpoint was not written with PDPTrainerCallback")
-            self.pruner.load_state_dict(json.loads(path.read_text()))
+            saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+            if saved is None:
+                raise ValueError(f"resuming at step {state.global_step} from a checkpoint without pdprune's state (its trainer_state.json "
+                                 f"has no stateful_callbacks[{STATE_KEY!r}]): it was not written with PDPTrainerCallback")
+            self.pruner.load_state_dict(saved)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        """Step the schedule after every optimizer step."""
+        """Step the schedule after every optimizer step, and put the pruner state into the Trainer state,
+        which the checkpoint that may follow saves (under any save strategy)."""
         if not self.pruner.finalized:
             self.pruner.step()
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
-        """Write the pruner state as `pdprune_pruner.json` into the checkpoint folder (main process, atomically)."""
-        if self.pruner.finalized or not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / (STATE_FILE + ".tmp")
-        temporary.write_text(json.dumps(self.pruner.state_dict()))
-        os.replace(temporary, folder / STATE_FILE)
+            state.stateful_callbacks[STATE_KEY] = self.pruner.state_dict()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs) -> None:
         """Add the mean current sparsity of the units to the logs as `pdprune/sparsity`."""
