@@ -36,8 +36,8 @@ def call_model(model: nn.Module, example_inputs: ExampleInputs) -> Any:
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as error:
         how = {True: "model(**example_inputs)", False: "model(*example_inputs)"}[isinstance(example_inputs, Mapping)] \
             if not isinstance(example_inputs, Tensor) else "model(example_inputs)"
-        hint = ("; a model that takes keyword inputs (input_ids=..., attention_mask=...) needs a dict" if not isinstance(example_inputs, Mapping)
-                else "")
+        keyword_model = not isinstance(example_inputs, Mapping) and not isinstance(error, RuntimeError)  # RuntimeError: shapes
+        hint = "; a model that takes keyword inputs (input_ids=..., attention_mask=...) needs a dict" if keyword_model else ""
         raise TypeError(
             f"{type(model).__name__} rejected example_inputs {describe(example_inputs)} when called as {how}: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}{hint}"
