@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pdprune.layer_surgery import prune_entries
 from pdprune.layers import layer_type_of, layer_types
-from pdprune.model_io import ExampleInputs, call_model, tensor_leaves
+from pdprune.model_io import ExampleInputs, call_model, evaluating, tensor_leaves
 from pdprune.units import Slice, UnitSpec
 
 __all__ = ["AttentionSpec", "find_attention", "update_head_counts"]
@@ -194,13 +194,10 @@ def _consumers(model: nn.Module, example_inputs: ExampleInputs, attention: dict[
     for module in model.modules():
         if layer_type_of(module, known) is not None:
             handles.append(module.register_forward_pre_hook(before_layer, with_kwargs=True))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             call_model(model, example_inputs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return found

@@ -32,6 +32,7 @@ from pdprune.data import DATASETS, data_dir, load_dataset
 from pdprune.data import EMBEDDED as EMBEDDED_DATASETS
 from pdprune.experiments import load_grid, run_grid, summarize
 from pdprune.export import export_onnx, read_state_dict, save_sparse
+from pdprune.model_io import evaluating
 from pdprune.models import MODELS, build_model, load_pretrained
 from pdprune.pruner import HARD_CUT_WARNING, PDPPruner
 from pdprune.report import plot_sparsity, state_dict_sparsity
@@ -390,18 +391,14 @@ def _seeded_model(args: argparse.Namespace, dataset) -> torch.nn.Module:
 
 def _check_model_reads(model: torch.nn.Module, example_inputs: torch.Tensor, args: argparse.Namespace) -> None:
     """One forward pass on two examples, in eval mode (no BatchNorm statistics change)."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(example_inputs)
     except Exception as error:  # noqa: BLE001 - whatever the model says, the pairing is the user's choice
         raise ValueError(
             f"--model {args.model} cannot take --dataset {args.dataset}'s inputs of shape {tuple(example_inputs.shape[1:])} "
             f"({_one_line(error)[:160]}); choose another --model"
         ) from None
-    finally:
-        model.train(was_training)
 
 
 def _attach(model: torch.nn.Module, config: PruningConfig, example_inputs: torch.Tensor, args: argparse.Namespace) -> PDPPruner:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pdprune._version import __version__
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
-from pdprune.model_io import refuse_parametrized
+from pdprune.model_io import evaluating, refuse_parametrized
 
 __all__ = ["save_sparse", "load_sparse", "read_state_dict", "export_onnx", "SPARSE_FORMAT"]
 
@@ -156,12 +156,8 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Ma
     keywords = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}
     positional = () if keywords else (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     path = Path(path)
-    was_training = model.training
-    model.eval()
-    try:
-        batch = torch.export.Dim("batch")
-        shapes = {key: {0: batch} for key in keywords} if keywords else tuple({0: batch} for _ in positional)
+    batch = torch.export.Dim("batch")
+    shapes = {key: {0: batch} for key in keywords} if keywords else tuple({0: batch} for _ in positional)
+    with evaluating(model):
         torch.onnx.export(model, positional, path, kwargs=keywords or None, dynamo=True, dynamic_shapes=shapes, external_data=False)
-    finally:
-        model.train(was_training)
     return path

@@ -4,7 +4,8 @@ leaf by leaf."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,11 +13,25 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 __all__ = [
-    "ExampleInputs", "call_model", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description", "first_tensor",
+    "ExampleInputs", "call_model", "evaluating", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description", "first_tensor",
     "refuse_parametrized",
 ]
 
 ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """The models in eval mode inside the block (a forward pass that only looks must not update BatchNorm
+    statistics or draw dropout), each back in the mode it had afterwards, even on an error."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
 
 
 def call_model(model: nn.Module, example_inputs: ExampleInputs) -> Any:

@@ -14,6 +14,7 @@ a pruned model mid-training (given a pruner created with the same config). The p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,13 @@ __all__ = ["MaskState", "SoftMask", "UnstructuredMask", "NMMask", "ChannelGroup"
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """The staleness key of thresholds the pruner computed from a gathered sharded weight."""
+
+    pruned: int
 
 
 class MaskState(nn.Module):
@@ -114,6 +122,18 @@ class MaskState(nn.Module):
                 self._gradient_temperature = slope
                 self.gradient_temperature_value.fill_(slope)
                 self.coefficients_stale = True
+
+    def mark_gathered(self, pruned: int) -> None:
+        """Record that the pruner computed the thresholds, at `pruned`, from the whole of a sharded weight
+        after the optimizer's step (FSDP2 under torch.compile): they hold until the pruned count changes."""
+        self._key = _Gathered(pruned)
+
+    def _differs(self, key: tuple) -> bool:
+        """Whether `key` (the weights' versions and addresses, then the pruned count) is not the one the
+        thresholds were computed for; after `mark_gathered`, only the pruned count is compared."""
+        if isinstance(self._key, _Gathered):
+            return self._key.pruned != key[-1]
+        return self._key != key
 
     def mark_stale(self) -> None:
         """Make the next eager forward pass recompute the thresholds. Staleness is otherwise read from the
@@ -207,14 +227,7 @@ class SoftMask(MaskState):
 
     def is_stale(self, weight: Tensor) -> bool:
         """Whether `weight` or the pruned count changed since the thresholds were computed."""
-        if isinstance(self._key, tuple) and self._key[0] == "gathered":
-            return self._key[1] != self.pruned_of(weight)
-        return self._key != self._key_of(weight)
-
-    def mark_gathered(self, weight: Tensor) -> None:
-        """Record that the pruner computed the thresholds from the whole of a sharded `weight` after the
-        optimizer's step (FSDP2 under torch.compile): a forward pass keeps them unless the pruned count changes."""
-        self._key = ("gathered", self.pruned_of(weight))
+        return self._differs(self._key_of(weight))
 
     def refresh(self, weight: Tensor) -> None:
         """Recompute t^2 (and the coefficients) from `weight` at the current sparsity (after an optimizer step)."""
@@ -472,13 +485,7 @@ class ChannelGroup(MaskState):
         return (*(_version_key(piece.tensor()) for piece in self.slices("scoring")), self.pruned(self.sparsity))
 
     def is_stale(self) -> bool:
-        if isinstance(self._key, tuple) and self._key[0] == "gathered":
-            return self._key[1] != self.pruned(self.sparsity)
-        return self._key != self._versions()
-
-    def mark_gathered(self) -> None:
-        """As `SoftMask.mark_gathered`: the pruner refreshed the thresholds from the gathered tensors."""
-        self._key = ("gathered", self.pruned(self.sparsity))
+        return self._differs(self._versions())
 
     def refresh(self) -> None:
         """Recompute t^2 over the channel scores at the current sparsity (after an optimizer step)."""

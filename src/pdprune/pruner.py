@@ -208,7 +208,7 @@ class PDPPruner:
             mask.coefficients_stale = True
             mask.mark_fresh(original)
         for mask, original in gathered:
-            mask.mark_gathered(original)
+            mask.mark_gathered(mask.pruned_of(original))
         for unit in self.units.values():
             if not isinstance(unit, ChannelGroup):
                 continue
@@ -221,7 +221,7 @@ class PDPPruner:
             if force or unit.is_stale():
                 unit.refresh()  # gathers sharded tensors
                 if sharded:
-                    unit.mark_gathered()
+                    unit.mark_gathered(unit.pruned(unit.sparsity))
         self._update_coefficients()
 
     def _update_coefficients(self) -> None:
@@ -516,7 +516,9 @@ class PDPPruner:
         return {name: self._original(name) for name in self._tensors}
 
     def _shapes(self) -> dict[str, list[int]]:
-        return {name: list(getattr(module, tensor_name).shape) for name, (module, tensor_name) in self._tensors.items()}
+        """Each pruned tensor's shape, read from the dense original: reading the parametrized attribute
+        would compute the whole masked tensor."""
+        return {name: list(_dense(module, tensor_name).shape) for name, (module, tensor_name) in self._tensors.items()}
 
     def _name_of(self, module: nn.Module) -> str:
         return next(name for name, candidate in self.model.named_modules() if candidate is module)
@@ -552,6 +554,13 @@ def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tup
         for name in order:
             if name in module._parameters:
                 module._parameters[name] = module._parameters.pop(name)  # to the end, in the old order
+
+
+def _dense(module: nn.Module, tensor_name: str) -> Tensor:
+    """The tensor under the mask (the module's own one once the mask is gone)."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return module.parametrizations[tensor_name].original
+    return getattr(module, tensor_name)
 
 
 def _write(buffers: list[Tensor], values: Tensor) -> None:

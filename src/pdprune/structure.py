@@ -29,7 +29,10 @@ from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.layer_surgery import layout_pruner, prune_entries, torch_pruning
 from pdprune.layers import layer_type_of, layer_types
 from pdprune.units import Slice, UnitSpec
-from pdprune.model_io import ExampleInputs, call_model, describe_inputs, first_tensor, inputs_from_description, refuse_parametrized, same_outputs
+from pdprune.model_io import (
+    ExampleInputs, call_model, describe_inputs, evaluating, first_tensor, inputs_from_description, refuse_parametrized, same_outputs,
+    tensor_leaves,
+)
 
 __all__ = [
     "find_structured_units", "compact", "save_compacted", "load_compacted", "count_macs_and_parameters", "GRAPH_TIMEOUT_SECONDS",
@@ -97,17 +100,11 @@ def _dependency_graph(model: nn.Module, example_inputs: ExampleInputs, attention
         for layer_type in known.values()
         if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))
     }
-    was_training = model.training
-    model.eval()  # tracing runs a forward pass: never update BatchNorm statistics
-    try:
-        with _time_bound("tracing the model"), _without_cache(model):
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, output_transform=lambda outputs: _graph_outputs(outputs),
-                customized_pruners=customized, verbose=False,
-            )
-    finally:
-        model.train(was_training)
-    return graph
+    with evaluating(model), _time_bound("tracing the model"), _without_cache(model):  # tracing runs a forward pass
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, output_transform=lambda outputs: _graph_outputs(outputs),
+            customized_pruners=customized, verbose=False,
+        )
 
 
 @contextlib.contextmanager
@@ -126,8 +123,6 @@ def _without_cache(model: nn.Module) -> Iterator[None]:
 
 
 def _graph_outputs(outputs: Any) -> list[torch.Tensor]:
-    from pdprune.model_io import tensor_leaves
-
     return [leaf for leaf in tensor_leaves(outputs) if leaf.requires_grad]
 
 
@@ -351,13 +346,8 @@ def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: E
 def _check_inputs(model: nn.Module, example_inputs: ExampleInputs) -> None:
     """Call the model once in eval mode: inputs it rejects get `call_model`'s clear error here, before
     any tracing or copying, not a raw one from deep inside."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        call_model(model, example_inputs)
 
 
 def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selected: set[str]) -> tuple[list[UnitSpec], dict[str, str]]:
@@ -454,13 +444,8 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
             removals.append((group.root, group.handler, group.root_channels(dead)))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
-    model_state, compacted_state = model.training, compacted.training
-    model.eval(), compacted.eval()
-    try:
-        with torch.no_grad():
-            same = same_outputs(call_model(model, example_inputs), call_model(compacted, example_inputs))
-    finally:
-        model.train(model_state), compacted.train(compacted_state)
+    with evaluating(model, compacted), torch.no_grad():
+        same = same_outputs(call_model(model, example_inputs), call_model(compacted, example_inputs))
     if not same:
         raise RuntimeError("compaction changed the model's outputs; the original model is unchanged. Please report this model")
     return compacted
@@ -479,13 +464,8 @@ def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -
     layer type runs it), and the parameter count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_model(model, example_inputs)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call_model(model, example_inputs)
     return counter.get_total_flops() // 2, sum(parameter.numel() for parameter in model.parameters())
 
 
