@@ -346,3 +346,60 @@ def test_loading_into_a_model_of_other_sizes_names_the_mismatched_tensors(tmp_pa
         load_compacted(tmp_path / "small.pt", other)
     with pytest.raises(ValueError, match=r"does not fit this architecture: Sequential rejected example_inputs tensor\(2, 8\)"):
         load_compacted(tmp_path / "small.pt", nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 4)))
+
+
+class _UpsamplingDecoder(nn.Module):
+    """The decoder half of a U-Net or a GAN generator: a strided conv down, transposed convs up (one
+    depthwise, whose weight keeps its channels along dimension 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 32, 4, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(32)
+        self.smooth = nn.ConvTranspose2d(32, 32, 3, padding=1, groups=32)
+        self.refine = nn.ConvTranspose2d(32, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.refine(torch.relu(self.smooth(self.norm(self.up(self.down(x))))))))
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.9), ("2:4", 0.5), ("channel", 0.5)])
+def test_transposed_convolutions_are_pruned_along_their_in_out_layout(structure, sparsity, tmp_path):
+    """ConvTranspose keeps its weight as (in, out, *kernel): N:M groups run along dimension 0, its
+    channels along dimension 1, and compaction removes them there."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(_UpsamplingDecoder())
+    example = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head's channels are the model's outputs: left dense
+        pruner = PDPPruner(model, PruningConfig(sparsity=sparsity, structure=structure, schedule=IMMEDIATE), example_inputs=example)
+        pruner.finalize()  # and the hard cut at once warns
+    report = pruner.report()
+    if structure == "unstructured":
+        assert {"up.weight", "refine.weight"} <= {row.name for row in report.layers}
+        assert sum(row.zeros for row in report.layers) == round(0.9 * sum(row.parameters for row in report.layers))
+    elif structure == "2:4":
+        for layer in (model.up, model.refine):
+            assert is_nm_sparse(layer.weight, 2, 4, input_dim=0)
+            assert int((layer.weight == 0).sum()) == layer.weight.numel() // 2
+    else:
+        assert {"up", "refine"} <= set(pruner.units)
+        model.eval()
+        expected = model(example)
+        small = compact(model, example).eval()
+        assert (small.up.out_channels, small.smooth.groups, small.refine.in_channels, small.refine.out_channels) == (16, 16, 16, 4)
+        assert (small(example) - expected).abs().max() < 1e-5
+        save_compacted(tmp_path / "small.pt", small, example)
+        reloaded = load_compacted(tmp_path / "small.pt", _UpsamplingDecoder()).eval()
+        assert (reloaded(example) - expected).abs().max() < 1e-5
+
+
+def test_a_layer_whose_channels_are_the_model_s_outputs_is_left_dense_with_the_reason():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match=r"'2': \"Torch-Pruning's graph gives its output channels no group: they are outputs of the model"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+    assert sorted(pruner.units) == ["0"] and "channel group 2" in pruner.report().skipped
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"nothing left to prune: channel group 0: Torch-Pruning's graph gives its output channels no group"):
+        PDPPruner(nn.Sequential(nn.Linear(8, 4)), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))

@@ -148,7 +148,7 @@ def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType)
         foreign = [type(p).__name__ for p in module.parametrizations.weight]
         raise ValueError(
             f"{name}.weight already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and would "
-            f"change or remove it. Remove it first (torch.nn.utils.parametrize.remove_parametrizations({name!r} module, "
+            f"change or remove it. Remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({name!r}), "
             f"'weight', leave_parametrized=True)) or exclude the module: exclude=({name!r},)"
         )
     weight = module.weight

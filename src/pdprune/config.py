@@ -55,8 +55,8 @@ class PruningConfig:
         include: fnmatch patterns of module names to prune (empty: every module of `module_types`).
         exclude: fnmatch patterns of module names never to prune.
         module_types: names of the layer types whose weights are pruned (`pdprune.layers`: "Linear",
-            "Conv1d", "Conv2d", "Conv3d", "Embedding", transformers' "Conv1D", and any registered with
-            `pdprune.register_layer_type`).
+            "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", transformers'
+            "Conv1D" by default; "Embedding"; any registered with `pdprune.register_layer_type`).
         on_incompatible: what to do with a layer that cannot hold its N:M pattern (input dimension not a
             multiple of M): "skip" it with a warning that names it, or raise an "error".
         straight_through: not in the paper, off by default: pruned weights also get the gradient of their

@@ -1,7 +1,7 @@
 """Which module types hold prunable weights, and where a weight's inputs and outputs lie.
 
-PyTorch's layers keep their weight as (out, in, ...); others do not: Hugging Face's GPT-2 `Conv1D` keeps
-(in, out). N:M groups run along the input dimension and channels along the output dimension, so every
+PyTorch's layers keep their weight as (out, in, ...); others do not: its transposed convolutions keep
+(in, out, ...), Hugging Face's GPT-2 `Conv1D` keeps (in, out). N:M groups run along the input dimension and channels along the output dimension, so every
 prunable type is declared with its layout:
 
     pdprune.register_layer_type("MyLinear", MyLinear, input_dim=0, output_dim=1)
@@ -44,13 +44,17 @@ _BUILT_IN = {
     "Conv1d": LayerType("Conv1d", nn.Conv1d),
     "Conv2d": LayerType("Conv2d", nn.Conv2d),
     "Conv3d": LayerType("Conv3d", nn.Conv3d),
+    # transposed convolutions keep their weight as (in, out / groups, *kernel)
+    "ConvTranspose1d": LayerType("ConvTranspose1d", nn.ConvTranspose1d, input_dim=0, output_dim=1),
+    "ConvTranspose2d": LayerType("ConvTranspose2d", nn.ConvTranspose2d, input_dim=0, output_dim=1),
+    "ConvTranspose3d": LayerType("ConvTranspose3d", nn.ConvTranspose3d, input_dim=0, output_dim=1),
     "Embedding": LayerType("Embedding", nn.Embedding),
 }
 _FROM_LIBRARIES = {"Conv1D": ("transformers", "transformers.pytorch_utils", "Conv1D", 0, 1)}
 """name -> (library, module path, class, input_dim, output_dim): known once the library is imported."""
 _REGISTERED: dict[str, LayerType] = {}
 
-DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1D")
 """What `PruningConfig.module_types` selects by default (not embeddings)."""
 
 

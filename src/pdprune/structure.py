@@ -290,6 +290,10 @@ def _unrecognized_attention(model: nn.Module, attention: list[AttentionSpec], se
 
 
 def _output_dim(module: nn.Module) -> int:
+    """The dimension of a layer's weight that runs over its output channels. A depthwise transposed conv
+    keeps (channels, 1, *kernel): its channels lie along the input dimension of its layout."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == module.in_channels == module.out_channels > 1:
+        return 0
     layer_type = layer_type_of(module)
     return 0 if layer_type is None else layer_type.output_dim
 
@@ -363,7 +367,9 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     attention = find_attention(model, example_inputs)
     inside_attention = _inside_attention(model, attention)
     candidates, skipped = [], {}
+    grouped = set()  # selected layers some head or channel group (pruned or left dense) accounts for
     for name, projections in _unrecognized_attention(model, attention, selected).items():
+        grouped |= set(projections)
         skipped[f"{name} heads"] = (
             f"{type(model.get_submodule(name)).__name__} looks like attention but pdprune cannot tell where its heads lie "
             f"(query, key and value projections and a head count or head size); its projections {projections[:4]} stay dense. "
@@ -373,6 +379,7 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
         projections = set(spec.projections)
         if not projections & selected:
             continue
+        grouped |= projections
         if not projections <= selected:
             skipped[f"{spec.module} heads"] = f"its projections are not all selected for channel pruning: {sorted(projections - selected)}"
             continue
@@ -388,6 +395,7 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
         producers = tuple(sorted((n for n in members if isinstance(model.get_submodule(n), producer_types)), key=order.get))
         if not producers or not set(producers) & selected or set(producers) <= inside_attention:
             continue
+        grouped |= set(producers)
         name = producers[0]
         if group.reason:
             skipped[name] = group.reason
@@ -406,6 +414,9 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
                 skipped[candidate.name] = ("Torch-Pruning cannot remove these channels exactly: removing them changes the outputs of the model "
                                            "(e.g. a zero-padded shortcut, or channels that are themselves an output, such as those of a classifier)")
         candidates = safe
+    for name in sorted(selected - grouped, key=order.get):
+        skipped[name] = ("Torch-Pruning's graph gives its output channels no group: they are outputs of the model (e.g. a "
+                         "classifier's classes), or the layer did not run on example_inputs")
     return candidates, skipped
 
 
