@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdprune import layers
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
@@ -49,6 +51,7 @@ def one_thread():
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p.read_text())], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_python_block_of_the_page_runs(page, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(layers, "_REGISTERED", dict(layers._REGISTERED))  # a page's layer types end with the page
     # torch.compile as the pages call it, with the backend that skips the C++ compiler (seconds, not a
     # minute): the pages' use of the API is what is tested here; tests/test_compile.py compiles for real.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))

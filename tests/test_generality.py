@@ -1,7 +1,8 @@
 """The models people use: Hugging Face architectures built from tiny configs (random weights, no
 downloads) x unstructured 90%, 2:4 and channels/heads 50%, through the documented API: attach, train
 with the model's own loss, finalize; exact counts, a state_dict that loads into a fresh model, and for
-channels a compacted model that computes the same with every pruned channel and head gone."""
+channels a compacted model that computes the same with every pruned channel and head gone. Then
+PyTorch's own attention, and bad input."""
 
 from __future__ import annotations
 
@@ -157,12 +158,94 @@ def test_a_layer_type_with_an_impossible_layout_is_refused():
 
     with pytest.raises(ValueError, match=r"layer type 'Twisted': input_dim and output_dim are both 1"):
         pdprune.register_layer_type("Twisted", torch.nn.Bilinear, input_dim=1, output_dim=1)
+    with pytest.raises(ValueError, match=r"tensors of layer type 'Named' must be a non-empty tuple of Parameter names, e.g. \('weight',\), got 'weight'"):
+        pdprune.register_layer_type("Named", torch.nn.Bilinear, tensors="weight")
     pdprune.register_layer_type("Bilinear", torch.nn.Bilinear, input_dim=3, output_dim=0)  # its weight has 3 dimensions
     model = torch.nn.Sequential(torch.nn.Bilinear(4, 4, 8), torch.nn.Linear(8, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"'0' is a Bilinear whose weight has shape \(8, 4, 4\), but the layer type 'Bilinear' declares input_dim=3"):
         PDPPruner(model, PruningConfig(module_types=("Bilinear", "Linear")))
     _untouched(model, before)
+
+
+def _torch_transformer() -> torch.nn.Module:
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+class _CrossAttention(torch.nn.Module):
+    """nn.MultiheadAttention with keys and values of other widths: three projections, no packed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(16, 2, kdim=8, vdim=12, batch_first=True)
+
+    def forward(self, queries: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.attention(queries, *memory)[0]
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.9), ("2:4", 0.5), ("channel", 0.5)])
+def test_pytorch_s_own_attention_prunes_its_projection_matrices(structure, sparsity):
+    """nn.MultiheadAttention (nn.TransformerEncoder, torchvision's ViT) keeps its query, key and value
+    projections as its own Parameters, not in Linear children: they are pruned like any weight, and the
+    masked model computes what the finalized one does, in the eager path and in PyTorch's fused one."""
+    torch.manual_seed(0)
+    model, x = _torch_transformer(), torch.randn(4, 6, 32)
+    config = PruningConfig(sparsity=sparsity, structure=structure, schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=1, steps_per_epoch=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, config, example_inputs=x)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    with torch.no_grad():  # a validation pass while masked: PyTorch's fused path reads the masked projections
+        model.eval()
+        torch.testing.assert_close(model(x), _without_fused_attention(model, x), rtol=1e-4, atol=1e-5)
+        model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.finalize()
+    projections = [f"layers.{i}.self_attn.in_proj_weight" for i in range(2)]
+    report = pruner.report()
+    if structure == "channel":
+        assert all("layer_structures=" in report.skipped[name] for name in projections), report.skipped
+        assert {"layers.0.linear1", "layers.1.linear1"} <= {group.name for group in report.groups}
+    else:
+        rows = {row.name: row for row in report.layers}
+        for name in projections:
+            weight = model.get_parameter(name)
+            assert rows[name].zeros == int((weight == 0).sum()) == pruned_count(rows[name].target, weight.numel())
+            assert structure != "2:4" or is_nm_sparse(weight, 2, 4)
+        assert sum(row.zeros for row in report.layers) == pruned_count(sparsity, sum(row.parameters for row in report.layers))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        fresh = _torch_transformer().eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh(x), expected)
+        torch.testing.assert_close(_without_fused_attention(fresh, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def _without_fused_attention(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_attention_with_separate_key_and_value_widths_prunes_its_three_projections():
+    torch.manual_seed(0)
+    model = _CrossAttention()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.8, schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)))
+    assert pruner.tensor_names == [f"attention.{name}" for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight")]
+    model(torch.randn(2, 3, 16), (torch.randn(2, 5, 8), torch.randn(2, 5, 12))).sum().backward()
+    assert model.attention.parametrizations.k_proj_weight.original.grad is not None
+    pruner.finalize()
+    assert [row.zeros for row in pruner.report().layers] == [pruned_count(row.target, row.parameters) for row in pruner.report().layers]
 
 
 def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason():

@@ -23,7 +23,7 @@ from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, Mask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
 
-__all__ = ["Attached", "attach", "check_finite"]
+__all__ = ["Attached", "attach", "check_finite", "qualified_name"]
 
 
 @dataclass
@@ -45,7 +45,7 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
             structure or layout, example inputs the model rejects; the model is left untouched.
     """
     selected, skipped = _select_modules(model, config)
-    check_finite({f"{name}.weight": module.weight for name, module in selected.items()})
+    check_finite({tensor_name: getattr(module, attribute) for tensor_name, (_, module, attribute) in _tensors_of(selected).items()})
     _warn_float16(selected)
     units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
     if not units:
@@ -57,6 +57,23 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
         if isinstance(mask, ChannelMask):
             group_members.setdefault(mask.group.name, {})[tensor] = mask.positions[:, 0]
     return Attached(units, tensors, group_members, skipped | incompatible)
+
+
+def qualified_name(module_name: str, attribute: str) -> str:
+    """A tensor's name in the model's state_dict (the bare attribute for the model itself)."""
+    return f"{module_name}.{attribute}" if module_name else attribute
+
+
+def _tensors_of(selected: Mapping[str, nn.Module]) -> dict[str, tuple[str, nn.Module, str]]:
+    """Tensor name -> (module name, module, attribute) for every tensor of the selected modules that PDP
+    prunes (their layer type's `tensors`), empty ones left out."""
+    known = layer_types()
+    return {
+        qualified_name(name, attribute): (name, module, attribute)
+        for name, module in selected.items()
+        for attribute in layer_type_of(module, known).tensors_of(module)
+        if getattr(module, attribute).numel()
+    }
 
 
 def _weight_bearing(module: nn.Module) -> list[str]:
@@ -97,10 +114,11 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             selected[name] = module
     for name, module in selected.items():
         _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
-    empty = {f"{name}.weight": tuple(module.weight.shape) for name, module in selected.items() if module.weight.numel() == 0}
+    empty = {qualified_name(name, attribute): tuple(getattr(module, attribute).shape) for name, module in selected.items()
+             for attribute in layer_type_of(module, known).tensors_of(module) if getattr(module, attribute).numel() == 0}
     for tensor_name, shape in empty.items():
         skipped[tensor_name] = f"its shape {shape} holds no elements: nothing to prune"
-        del selected[tensor_name.removesuffix(".weight")]
+    selected = {name: module for name, module in selected.items() if _tensors_of({name: module})}
     if empty and not selected:
         raise ValueError(
             f"nothing to prune: every selected weight holds no elements ({', '.join(f'{n} has shape {s}' for n, s in empty.items())}); "
@@ -136,30 +154,33 @@ def _refuse_attached(name: str, module: nn.Module) -> None:
 
 
 def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType) -> None:
-    if not isinstance(getattr(module, "weight", None), Tensor):
+    attributes = layer_type.tensors_of(module)
+    if not attributes:
         matrices = _weight_bearing(module)
+        wanted = " or ".join(f"`{attribute}`" for attribute in layer_type.tensors)
         raise ValueError(
             f"{name!r} is a {type(module).__name__} of layer type {layer_type.name!r}, which module_types selects, but it has "
-            f"no `weight` tensor{f' (its matrices: {matrices})' if matrices else ''}; PDP prunes the Parameter a layer keeps "
-            "as `module.weight`, so register only module types that hold one (as nn.Linear does). "
+            f"no {wanted} tensor{f' (its matrices: {matrices})' if matrices else ''}; PDP prunes the Parameter a layer keeps "
+            "as `module.weight` (or the tensors its layer type names), so register only module types that hold one (as nn.Linear does). "
             f"Take {layer_type.name!r} out of module_types, or exclude the module: exclude=({name!r},)"
         )
-    if parametrize.is_parametrized(module, "weight"):
-        foreign = [type(p).__name__ for p in module.parametrizations.weight]
-        raise ValueError(
-            f"{name}.weight already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and would "
-            f"change or remove it. Remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({name!r}), "
-            f"'weight', leave_parametrized=True)) or exclude the module: exclude=({name!r},)"
-        )
-    weight = module.weight
-    if weight.is_meta:
-        raise ValueError(
-            f"{name}.weight is on the meta device (shape only, no values): PDP ranks weight magnitudes. Materialize and "
-            "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict), then attach the pruner"
-        )
-    if not weight.is_floating_point():
-        raise TypeError(f"{name}.weight has dtype {weight.dtype}; PDP prunes floating-point weights: exclude it")
-    layer_type.check(weight, name)
+    for attribute in attributes:
+        if parametrize.is_parametrized(module, attribute):
+            foreign = [type(p).__name__ for p in module.parametrizations[attribute]]
+            raise ValueError(
+                f"{qualified_name(name, attribute)} already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and would "
+                f"change or remove it. Remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({name!r}), "
+                f"{attribute!r}, leave_parametrized=True)) or exclude the module: exclude=({name!r},)"
+            )
+        weight = getattr(module, attribute)
+        if weight.is_meta:
+            raise ValueError(
+                f"{qualified_name(name, attribute)} is on the meta device (shape only, no values): PDP ranks weight magnitudes. Materialize and "
+                "load the weights first (e.g. model.to_empty(device='cpu') then load_state_dict), then attach the pruner"
+            )
+        if not weight.is_floating_point():
+            raise TypeError(f"{qualified_name(name, attribute)} has dtype {weight.dtype}; PDP prunes floating-point weights: exclude it")
+        layer_type.check(weight, name)
 
 
 Registration = tuple[str, nn.Module, str, nn.Module]  # (tensor name, module, "weight"/"bias", parametrization)
@@ -178,9 +199,10 @@ def _build_units(
     channel_modules = set()
     ties = _tied_weights(model)
     masked_weights: set[int] = set()
-    for name, module in selected.items():
+    for tensor_name, (name, module, attribute) in _tensors_of(selected).items():
+        layer_type = layer_type_of(module, known)
         structure = parse_structure(config.structure_of(name))
-        weight = module.weight
+        weight = getattr(module, attribute)
         if id(weight) in masked_weights:
             continue  # tied to a weight masked already: one mask serves every module that shares it
         asked = {holder: config.structure_of(holder) for holder, _ in ties.get(id(weight), ()) if holder in selected}
@@ -188,18 +210,21 @@ def _build_units(
             raise ValueError(f"{sorted(asked)} share one weight but ask for different structures {asked}; "
                              "give them one structure in layer_structures, or exclude all but one")
         if structure == "channel":
-            if len(ties.get(id(weight), ())) > 1:
-                skipped[f"{name}.weight"] = (f"{name!r} shares its weight with {[n for n, _ in ties[id(weight)] if n != name]}; tied weights "
-                                             "cannot be channel-pruned: give them an unstructured or N:M structure (layer_structures)")
-                continue
-            channel_modules.add(name)
+            if layer_type.tensors != ("weight",):
+                skipped[tensor_name] = (f"channel pruning removes the output channels of a layer's `weight`; a {layer_type.name} holds "
+                                        f"{layer_type.tensors_of(module)} instead, of which pdprune removes no channels or heads: give it an "
+                                        f"unstructured or N:M structure (layer_structures={{{name!r}: '2:4'}})")
+            elif len(ties.get(id(weight), ())) > 1:
+                skipped[tensor_name] = (f"{name!r} shares its weight with {[n for n, _ in ties[id(weight)] if n != name]}; tied weights "
+                                        "cannot be channel-pruned: give them an unstructured or N:M structure (layer_structures)")
+            else:
+                channel_modules.add(name)
             continue
-        tensor_name = f"{name}.weight"
         if structure == "unstructured":
             mask: SoftMask = UnstructuredMask(weight, config.temperature, relative, config.compile_kernels, config.straight_through, soft_gradient)
         else:
             n, m = structure
-            input_dim = layer_type_of(module, known).input_dim
+            input_dim = layer_type.input_dim
             if weight.shape[input_dim] % m:
                 problem = (f"{n}:{m} needs the input dimension of {tensor_name!r} (dimension {input_dim} of shape "
                            f"{tuple(weight.shape)}) to be a multiple of {m}")
@@ -211,7 +236,7 @@ def _build_units(
         units[tensor_name] = mask
         masked_weights.add(id(weight))
         for holder_name, holder in ties.get(id(weight), [(name, module)]):
-            registrations.append((f"{holder_name}.weight", holder, "weight", mask))
+            registrations.append((qualified_name(holder_name, attribute), holder, attribute, mask))
     if skipped:
         warnings.warn(f"left dense: {sorted(skipped)} (pruner.report() says why)", stacklevel=4)
     if channel_modules:
@@ -285,7 +310,7 @@ def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, s
 def _warn_float16(selected: Mapping[str, nn.Module]) -> None:
     """float16 cannot hold PDP's 1/tau above 65504: a layer whose threshold |t| is below about 0.02 gets a
     softer mask than configured, and the hard cut then removes weight the layer computed with."""
-    half = [f"{name}.weight" for name, module in selected.items() if module.weight.dtype == torch.float16]
+    half = [name for name, (_, module, attribute) in _tensors_of(selected).items() if getattr(module, attribute).dtype == torch.float16]
     if half:
         warnings.warn(
             f"{half[:3]}{' and more' if len(half) > 3 else ''} are float16, whose range cannot hold the soft mask's 1/tau for small "

@@ -22,12 +22,19 @@ __all__ = ["LayerType", "register_layer_type", "layer_types", "layer_type_of", "
 
 @dataclass(frozen=True)
 class LayerType:
-    """A module class whose `weight` PDP may prune, with the dimension of its inputs and of its outputs."""
+    """A module class whose `weight` (or other matrices: `tensors`) PDP may prune, with the dimension of
+    their inputs and of their outputs."""
 
     name: str
     module_type: type[nn.Module]
     input_dim: int = 1
     output_dim: int = 0
+    tensors: tuple[str, ...] = ("weight",)
+
+    def tensors_of(self, module: nn.Module) -> list[str]:
+        """The names among `tensors` that `module` holds as tensors (nn.MultiheadAttention holds either
+        its packed `in_proj_weight` or three separate projections, the others None)."""
+        return [name for name in self.tensors if isinstance(getattr(module, name, None), Tensor)]
 
     def check(self, weight: Tensor, module_name: str) -> None:
         """Raise ValueError if `weight` (of module `module_name`) cannot have this layout."""
@@ -49,28 +56,39 @@ _BUILT_IN = {
     "ConvTranspose2d": LayerType("ConvTranspose2d", nn.ConvTranspose2d, input_dim=0, output_dim=1),
     "ConvTranspose3d": LayerType("ConvTranspose3d", nn.ConvTranspose3d, input_dim=0, output_dim=1),
     "Embedding": LayerType("Embedding", nn.Embedding),
+    # its output projection is an nn.Linear of its own; heads are not pruned inside it (channel structure)
+    "MultiheadAttention": LayerType("MultiheadAttention", nn.MultiheadAttention,
+                                    tensors=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")),
 }
 _FROM_LIBRARIES = {"Conv1D": ("transformers", "transformers.pytorch_utils", "Conv1D", 0, 1)}
 """name -> (library, module path, class, input_dim, output_dim): known once the library is imported."""
 _REGISTERED: dict[str, LayerType] = {}
 
-DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv1D")
+DEFAULT_MODULE_TYPES = (
+    "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "MultiheadAttention", "Conv1D",
+)
 """What `PruningConfig.module_types` selects by default (not embeddings)."""
 
 
-def register_layer_type(name: str, module_type: type[nn.Module], *, input_dim: int = 1, output_dim: int = 0) -> LayerType:
+def register_layer_type(
+    name: str, module_type: type[nn.Module], *, input_dim: int = 1, output_dim: int = 0, tensors: tuple[str, ...] = ("weight",)
+) -> LayerType:
     """Declare `module_type` (whose `weight` is a Parameter) prunable under `name`, for `module_types`.
 
     Args:
         name: what `PruningConfig(module_types=...)` calls it.
         input_dim: the weight's dimension that runs over the layer's inputs (N:M groups lie along it).
         output_dim: the weight's dimension that runs over its outputs (channels lie along it).
+        tensors: the names of the Parameters to prune, if not `weight` (each of this layout; unstructured
+            and N:M only: channel pruning follows a layer's `weight`).
     Raises:
         TypeError: `module_type` is not an `nn.Module` subclass.
-        ValueError: the dimensions are negative or equal, or `name` is taken by another type.
+        ValueError: the dimensions are negative or equal, `tensors` is empty, or `name` is taken by another type.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if isinstance(tensors, str) or not tensors or not all(isinstance(tensor, str) and tensor for tensor in tensors):
+        raise ValueError(f"tensors of layer type {name!r} must be a non-empty tuple of Parameter names, e.g. ('weight',), got {tensors!r}")
     for label, value in (("input_dim", input_dim), ("output_dim", output_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{label} of layer type {name!r} must be an int >= 0 (a dimension of its weight), got {value!r}")
@@ -82,7 +100,7 @@ def register_layer_type(name: str, module_type: type[nn.Module], *, input_dim: i
     known = layer_types().get(name)
     if known is not None and known.module_type is not module_type:
         raise ValueError(f"layer type name {name!r} is taken by {known.module_type.__qualname__}; pick another name")
-    layer_type = LayerType(name, module_type, input_dim, output_dim)
+    layer_type = LayerType(name, module_type, input_dim, output_dim, tuple(tensors))
     _REGISTERED[name] = layer_type
     return layer_type
 

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pdprune._version import __version__
-from pdprune.attach import attach, check_finite
+from pdprune.attach import attach, check_finite, qualified_name
 from pdprune.config import PruningConfig
 from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
 from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask, SoftMask, UnstructuredMask
@@ -399,14 +399,18 @@ class PDPPruner:
                     entry[0] += unit.pruned(budgets[name]) * per_unit / entries
                     entry[1] += unit.pruned(unit.sparsity) * per_unit / entries
                 continue
-            weight = self._tensors[name][0].weight
+            module, attribute = self._tensors[name]
+            weight = getattr(module, attribute)
             rows.append(LayerSparsity(name, unit.structure, weight.numel(), int((weight == 0).sum()), budgets[name], current))
         for name, (target, current) in channel_targets.items():
             module_name, _, tensor_name = name.rpartition(".")
             weight = getattr(self.model.get_submodule(module_name), tensor_name)
             rows.append(LayerSparsity(name, "channel", weight.numel(), int((weight == 0).sum()), target, None if self.finalized else current))
-        order = {f"{name}.weight": position for position, (name, _) in enumerate(self.model.named_modules())}
-        order |= {name.removesuffix(".weight"): position for name, position in order.items()}
+        order: dict[str, int] = {}  # module names (groups) and tensor names (rows), in the model's order
+        for name, module in self.model.named_modules():
+            order[name] = len(order)
+            for tensor in [*module._parameters, *getattr(module, "parametrizations", {})]:
+                order[qualified_name(name, tensor)] = len(order)
         rows.sort(key=lambda row: order.get(row.name, len(order)))
         groups.sort(key=lambda group: order.get(group.name, len(order)))
         return SparsityReport(tuple(rows), tuple(groups), dict(self.skipped))

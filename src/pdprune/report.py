@@ -129,9 +129,10 @@ def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = DEFAULT_MOD
     for module_name, module in model.named_modules():
         layer_type = layer_type_of(module, known)
         if layer_type is not None and layer_type.name in module_types:
-            weight = module.weight
-            name = f"{module_name}.weight" if module_name else "weight"
-            layers.append(LayerSparsity(name, "-", weight.numel(), int((weight == 0).sum())))
+            for attribute in layer_type.tensors_of(module):
+                weight = getattr(module, attribute)
+                name = f"{module_name}.{attribute}" if module_name else attribute
+                layers.append(LayerSparsity(name, "-", weight.numel(), int((weight == 0).sum())))
     return SparsityReport(tuple(layers))
 
 

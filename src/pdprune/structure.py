@@ -127,7 +127,9 @@ def _graph_outputs(outputs: Any) -> list[torch.Tensor]:
 
 
 def _producers() -> tuple[type[nn.Module], ...]:
-    return tuple(layer_type.module_type for layer_type in layer_types().values() if layer_type.name != "Embedding")
+    """Layer types whose output channels PDP can prune: those whose `weight` holds them."""
+    return tuple(layer_type.module_type for layer_type in layer_types().values()
+                 if layer_type.name != "Embedding" and layer_type.tensors == ("weight",))
 
 
 @dataclass(frozen=True)
