@@ -185,6 +185,17 @@ def test_detach_restores_the_dense_weights(tiny_convnet):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_saving_the_whole_model_gets_pytorch_s_advice_while_masked_and_works_once_finalized(tiny_convnet, tmp_path):
+    pruner = PDPPruner(tiny_convnet, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    with pytest.raises(RuntimeError, match=r"Serialization of parametrized modules is only supported through state_dict\(\)"):
+        torch.save(tiny_convnet, tmp_path / "model.pt")
+    pruner.finalize()
+    torch.save(tiny_convnet, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False).eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), tiny_convnet.eval()(x))
+
+
 def test_include_exclude_and_embedding(tiny_convnet):
     pruner = PDPPruner(tiny_convnet, PruningConfig(include=("conv*",), exclude=("conv1",)))
     assert pruner.tensor_names == ["conv2.weight"]

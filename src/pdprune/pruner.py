@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -57,17 +57,22 @@ def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwarg
             pruner._refresh(force=True, parameters=parameters)
 
 
-def _refresh_after_loading(pruner: weakref.ref[PDPPruner]) -> Callable[[nn.Module, Any], None]:
+class _RefreshAfterLoading:
     """A post-hook for the model's `load_state_dict`: new weights need new thresholds, which are not part of
     the state (a compiled forward pass cannot recompute them, and the pruner's own state may have been
-    loaded first)."""
+    loaded first). Picklable, so that `torch.save(model)` reaches PyTorch's own error about parametrized
+    modules; a pickled copy leaves the pruner behind."""
 
-    def refresh(module: nn.Module, incompatible_keys: Any) -> None:
-        attached = pruner()
+    def __init__(self, pruner: PDPPruner) -> None:
+        self.pruner: weakref.ref[PDPPruner] | None = weakref.ref(pruner)
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        attached = None if self.pruner is None else self.pruner()
         if attached is not None and not attached.finalized:
             attached.refresh()
 
-    return refresh
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pruner": None}
 
 
 class PDPPruner:
@@ -112,7 +117,7 @@ class PDPPruner:
         except BaseException:
             _remove_masks(self._tensors, self._parameter_orders)
             raise
-        self._load_hook = model.register_load_state_dict_post_hook(_refresh_after_loading(weakref.ref(self)))
+        self._load_hook = model.register_load_state_dict_post_hook(_RefreshAfterLoading(self))
         global _OPTIMIZER_HOOK
         _ATTACHED.add(self)
         if _OPTIMIZER_HOOK is None:
