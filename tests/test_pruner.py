@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig, load_checkpoint, save_checkpoint
 from pdprune.masks import pruned_count
+from pdprune.parametrizations import ChannelMask, SoftMask
 
 IMMEDIATE = ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)
 
@@ -484,17 +486,26 @@ def _assert_untouched(model: nn.Module, before: dict[str, torch.Tensor], foreign
 
 
 @pytest.mark.parametrize("wrap", ["weight_norm", "orthogonal"])
-def test_a_weight_that_already_carries_a_parametrization_is_refused_and_kept(tiny_mlp, wrap):
+def test_a_weight_that_already_carries_a_parametrization_stays_dense_with_it(tiny_mlp, wrap):
+    """wav2vec2's positional conv carries weight_norm, a GAN's layers spectral_norm: such a weight is left
+    dense with its parametrization (PDP's mask would change or remove it), named with the reason; the
+    rest is pruned. With on_incompatible="error" it is refused, the model untouched."""
     from torch.nn.utils import parametrizations
 
     getattr(parametrizations, wrap)(tiny_mlp[2])
     before = _snapshot(tiny_mlp)
-    with pytest.raises(ValueError, match=r"2.weight already carries a parametrization \(_(WeightNorm|Orthogonal)\); PDP masks plain weights.*exclude=\('2',\)"):
-        PDPPruner(tiny_mlp)
+    reason = r"2.weight already carries a parametrization \(_(WeightNorm|Orthogonal)\); PDP masks plain weights.*exclude=\('2',\)"
+    with pytest.raises(ValueError, match=reason + r"; or pass on_incompatible='skip'"):
+        PDPPruner(tiny_mlp, PruningConfig(on_incompatible="error"))
     _assert_untouched(tiny_mlp, before, foreign=("2",))
+    with pytest.warns(UserWarning, match=r"left dense: \['2.weight'\] \(another parametrization"):
+        pruner = PDPPruner(tiny_mlp, PruningConfig(schedule=IMMEDIATE))
+    assert "2.weight" not in pruner.tensor_names and pruner.tensor_names
+    assert re.search(reason, pruner.report().skipped["2.weight"])
+    tiny_mlp(torch.randn(2, tiny_mlp[0].in_features)).sum().backward()
+    pruner.finalize()
     assert parametrize.is_parametrized(tiny_mlp[2], "weight"), "the user's own parametrization stays"
-    PDPPruner(tiny_mlp, PruningConfig(exclude=("2",))).finalize()  # the way out the message names works
-    assert parametrize.is_parametrized(tiny_mlp[2], "weight")
+    assert not any(isinstance(p, (SoftMask, ChannelMask)) for p in tiny_mlp[2].parametrizations.weight)
 
 
 def test_a_model_on_the_meta_device_is_refused():

@@ -403,3 +403,22 @@ def test_a_layer_whose_channels_are_the_model_s_outputs_is_left_dense_with_the_r
     assert sorted(pruner.units) == ["0"] and "channel group 2" in pruner.report().skipped
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"nothing left to prune: channel group 0: Torch-Pruning's graph gives its output channels no group"):
         PDPPruner(nn.Sequential(nn.Linear(8, 4)), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+
+
+def test_a_layer_under_weight_norm_keeps_it_and_the_channels_it_reads_stay_dense():
+    """Torch-Pruning cannot shrink a weight under another parametrization: the group whose channels run
+    into it stays dense with the reason, the rest is pruned and compacts exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3)), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    example = torch.randn(2, 3, 10, 10)
+    with pytest.warns(UserWarning, match=r"'0': \"its channels run through '2', which carries another parametrization \(weight_norm"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example)
+    assert sorted(pruner.units) == ["4"] and "already carries a parametrization (_WeightNorm)" in pruner.report().skipped["2.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.finalize()
+    model.eval()
+    small = compact(model, example).eval()
+    assert small[4].out_channels == 4 and parametrize.is_parametrized(small[2], "weight")
+    assert (small(example) - model(example)).abs().max() < 1e-5

@@ -66,13 +66,13 @@ def qualified_name(module_name: str, attribute: str) -> str:
 
 def _tensors_of(selected: Mapping[str, nn.Module]) -> dict[str, tuple[str, nn.Module, str]]:
     """Tensor name -> (module name, module, attribute) for every tensor of the selected modules that PDP
-    prunes (their layer type's `tensors`), empty ones left out."""
+    prunes (their layer type's `tensors`), empty ones and those under another parametrization left out."""
     known = layer_types()
     return {
         qualified_name(name, attribute): (name, module, attribute)
         for name, module in selected.items()
         for attribute in layer_type_of(module, known).tensors_of(module)
-        if getattr(module, attribute).numel()
+        if not parametrize.is_parametrized(module, attribute) and getattr(module, attribute).numel()
     }
 
 
@@ -112,13 +112,20 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             skipped[name] = "matched by exclude"
         else:
             selected[name] = module
+    reparametrized = {}
     for name, module in selected.items():
         _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
+        reparametrized |= _foreign_parametrizations(name, module, layer_type_of(module, known))
+    if reparametrized and config.on_incompatible == "error":
+        raise ValueError(f"{next(iter(reparametrized.values()))}; or pass on_incompatible='skip' to leave such weights dense")
+    skipped |= reparametrized
     empty = {qualified_name(name, attribute): tuple(getattr(module, attribute).shape) for name, module in selected.items()
              for attribute in layer_type_of(module, known).tensors_of(module) if getattr(module, attribute).numel() == 0}
     for tensor_name, shape in empty.items():
         skipped[tensor_name] = f"its shape {shape} holds no elements: nothing to prune"
     selected = {name: module for name, module in selected.items() if _tensors_of({name: module})}
+    if reparametrized:
+        warnings.warn(f"left dense: {sorted(reparametrized)} (another parametrization; pruner.report() says why)", stacklevel=4)
     if empty and not selected:
         raise ValueError(
             f"nothing to prune: every selected weight holds no elements ({', '.join(f'{n} has shape {s}' for n, s in empty.items())}); "
@@ -129,6 +136,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             f"no prunable layer selected: the model has no module of types {list(config.module_types)}"
             + (" left after include/exclude" if candidates else "")
             + "; pass module_types=... or change include/exclude"
+            + (f" ({'; '.join(reparametrized.values())})" if reparametrized else "")
         )
     if empty:
         warnings.warn(f"left dense: {sorted(empty)} (no elements; pruner.report() says why)", stacklevel=4)
@@ -166,12 +174,7 @@ def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType)
         )
     for attribute in attributes:
         if parametrize.is_parametrized(module, attribute):
-            foreign = [type(p).__name__ for p in module.parametrizations[attribute]]
-            raise ValueError(
-                f"{qualified_name(name, attribute)} already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and would "
-                f"change or remove it. Remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({name!r}), "
-                f"{attribute!r}, leave_parametrized=True)) or exclude the module: exclude=({name!r},)"
-            )
+            continue  # left dense (`_foreign_parametrizations`)
         weight = getattr(module, attribute)
         if weight.is_meta:
             raise ValueError(
@@ -181,6 +184,21 @@ def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType)
         if not weight.is_floating_point():
             raise TypeError(f"{qualified_name(name, attribute)} has dtype {weight.dtype}; PDP prunes floating-point weights: exclude it")
         layer_type.check(weight, name)
+
+
+def _foreign_parametrizations(name: str, module: nn.Module, layer_type: LayerType) -> dict[str, str]:
+    """Tensor name -> why it stays dense, for the tensors that carry another parametrization (weight_norm
+    in wav2vec2's positional conv, spectral_norm in a GAN): PDP's mask would change or remove it."""
+    reasons = {}
+    for attribute in layer_type.tensors_of(module):
+        if parametrize.is_parametrized(module, attribute):
+            foreign = [type(p).__name__ for p in module.parametrizations[attribute]]
+            reasons[qualified_name(name, attribute)] = (
+                f"{qualified_name(name, attribute)} already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and "
+                f"would change or remove it. To prune it, remove that first (torch.nn.utils.parametrize.remove_parametrizations("
+                f"model.get_submodule({name!r}), {attribute!r}, leave_parametrized=True)); to silence this, exclude=({name!r},)"
+            )
+    return reasons
 
 
 Registration = tuple[str, nn.Module, str, nn.Module]  # (tensor name, module, "weight"/"bias", parametrization)
@@ -247,13 +265,13 @@ def _build_units(
                 "PDPPruner(model, config, example_inputs=torch.randn(1, 3, 32, 32))"
             )
         specs, dense_groups = find_structured_units(model, example_inputs, channel_modules)
-        if dense_groups:
-            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=4)
-            skipped |= {name if name.endswith(" heads") else f"channel group {name}": why for name, why in dense_groups.items()}
         for spec in specs:
             group, gated = _structured_unit(model, spec, config, relative)
             units[spec.name] = group
             registrations += gated
+        if dense_groups:
+            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=4)
+            skipped |= {name if name.endswith(" heads") else f"channel group {name}": why for name, why in dense_groups.items()}
     return units, registrations, skipped
 
 
@@ -272,11 +290,6 @@ def _structured_unit(model: nn.Module, spec: UnitSpec, config: PruningConfig, re
     gated: list[Registration] = []
     for piece, bound in zip(spec.gated, slices["gated"]):
         module = bound.module
-        if parametrize.is_parametrized(module, piece.tensor_name):
-            raise ValueError(
-                f"{piece.module}.{piece.tensor_name} already carries a parametrization; channel pruning gates it. Remove it "
-                f"first or exclude the group's layers: exclude=({spec.scoring[0].module!r},)"
-            )
         gated.append((f"{piece.module}.{piece.tensor_name}", module, piece.tensor_name, ChannelMask(group, piece.dim, bound.positions)))
     return group, gated
 

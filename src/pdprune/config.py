@@ -55,10 +55,12 @@ class PruningConfig:
         include: fnmatch patterns of module names to prune (empty: every module of `module_types`).
         exclude: fnmatch patterns of module names never to prune.
         module_types: names of the layer types whose weights are pruned (`pdprune.layers`: "Linear",
-            "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", transformers'
-            "Conv1D" by default; "Embedding"; any registered with `pdprune.register_layer_type`).
-        on_incompatible: what to do with a layer that cannot hold its N:M pattern (input dimension not a
-            multiple of M): "skip" it with a warning that names it, or raise an "error".
+            "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+            "MultiheadAttention", transformers' "Conv1D" by default; "Embedding"; any registered with
+            `pdprune.register_layer_type`).
+        on_incompatible: what to do with a weight that cannot be pruned as asked (an N:M pattern whose M
+            does not divide its input dimension, another parametrization such as weight_norm on it):
+            "skip" it with a warning that names it, or raise an "error".
         straight_through: not in the paper, off by default: pruned weights also get the gradient of their
             masked value, as if kept (SR-STE's straight-through estimator), so that a nearly hard mask
             (late in an anneal) can still change which weights stay (on ResNet-20 at 1:4 it gained

@@ -133,10 +133,14 @@ def inputs_from_description(description: Mapping[str, Any] | Sequence[Mapping[st
 
 
 def refuse_parametrized(model: nn.Module, action: str) -> None:
-    """Raise ValueError if the model still carries parametrizations (PDP's masks, before finalize())."""
+    """Raise ValueError if the model still carries PDP's masks (before finalize()); the model's own
+    parametrizations (weight_norm, ...) are its business."""
     from torch.nn.utils import parametrize
 
-    attached = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    attached = [
+        name for name, module in model.named_modules() if parametrize.is_parametrized(module)
+        and any(type(p).__module__.startswith("pdprune.") for chain in module.parametrizations.values() for p in chain)
+    ]
     if attached:
         raise ValueError(
             f"{action} needs a plain model, but {attached[:3]} still carry parametrizations (PDP's masks): "

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from pdprune.attention import AttentionSpec, find_attention
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
@@ -196,6 +197,9 @@ def _group_of(root: nn.Module, names: dict[nn.Module, str], handler, group, unit
             reason = reason or (f"{names.get(module, type(module).__name__)!r} is a grouped convolution (groups={module.groups}): removing its "
                                 "channels needs as many from each of its groups, which PDP's channel scores do not keep. "
                                 "Exclude it, or prune it with an unstructured or N:M structure (layer_structures)")
+        if parametrize.is_parametrized(module):  # the model's own weight_norm, ...: PDP's masks are not on yet
+            reason = reason or (f"its channels run through {names.get(module, type(module).__name__)!r}, which carries another "
+                                "parametrization (weight_norm, ...) that Torch-Pruning cannot shrink; remove it first to prune them")
         if not graph.is_out_channel_pruning_fn(item.dep.handler) or module not in names:
             continue
         if not any(True for _ in module.parameters(recurse=False)):
@@ -384,6 +388,10 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
         grouped |= projections
         if not projections <= selected:
             skipped[f"{spec.module} heads"] = f"its projections are not all selected for channel pruning: {sorted(projections - selected)}"
+            continue
+        if reparametrized := sorted(name for name in projections if parametrize.is_parametrized(model.get_submodule(name))):
+            skipped[f"{spec.module} heads"] = (f"its projections {reparametrized} carry another parametrization (weight_norm, ...); "
+                                               "remove it first to prune its heads")
             continue
         if spec.kv_heads < 2:
             skipped[f"{spec.module} heads"] = f"{spec.kv_heads} key-value head: nothing to prune without removing the attention"
