@@ -1,8 +1,8 @@
 """Which module types hold prunable weights, and where a weight's inputs and outputs lie.
 
 PyTorch's layers keep their weight as (out, in, ...); others do not: its transposed convolutions keep
-(in, out, ...), Hugging Face's GPT-2 `Conv1D` keeps (in, out). N:M groups run along the input dimension and channels along the output dimension, so every
-prunable type is declared with its layout:
+(in, out, ...), Hugging Face's GPT-2 `Conv1D` keeps (in, out). N:M groups run along the input dimension
+and channels along the output dimension, so every prunable type is declared with its layout:
 
     pdprune.register_layer_type("MyLinear", MyLinear, input_dim=0, output_dim=1)
 
