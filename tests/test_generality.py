@@ -248,6 +248,65 @@ def test_attention_with_separate_key_and_value_widths_prunes_its_three_projectio
     assert [row.zeros for row in pruner.report().layers] == [pruned_count(row.target, row.parameters) for row in pruner.report().layers]
 
 
+class _ProjectedAttention(torch.nn.Module):
+    """Linear layers straight into nn.MultiheadAttention (no LayerNorm between): Torch-Pruning couples
+    the last one's channels with the attention's width."""
+
+    def __init__(self, **attention: object) -> None:
+        super().__init__()
+        self.hidden, self.project = torch.nn.Linear(12, 24), torch.nn.Linear(24, 32)
+        self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True, **attention)
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.project(torch.relu(self.hidden(x)))
+        return self.head(self.attention(h, h, h)[0])
+
+
+def test_channels_feeding_pytorch_s_attention_stay_dense_and_the_rest_compacts():
+    torch.manual_seed(0)
+    model, x = _ProjectedAttention(), torch.randn(2, 5, 12)
+    with pytest.warns(UserWarning, match=r"'project': 'a coupled layer is not a prunable layer or BatchNorm"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)),
+                           example_inputs=x)
+    assert sorted(pruner.units) == ["hidden"] and "layer_structures=" in pruner.report().skipped["attention.in_proj_weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.finalize()
+    model.eval()
+    small = compact(model, x).eval()
+    assert small.hidden.out_features == 12 and small.project.in_features == 12
+    torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Torch-Pruning could not follow this model's channels \(TypeError: .*unstructured or N:M"):
+        PDPPruner(_ProjectedAttention(add_zero_attn=True), PruningConfig(structure="channel"), example_inputs=x)
+
+
+def test_a_registered_layer_with_other_tensors_stays_dense_under_channels_and_its_neighbours_prune(monkeypatch):
+    import pdprune
+    from pdprune import layers
+
+    monkeypatch.setattr(layers, "_REGISTERED", dict(layers._REGISTERED))  # the registration ends with the test
+    pdprune.register_layer_type("GRU", torch.nn.GRU, tensors=("weight_ih_l0", "weight_hh_l0"))
+    with pytest.raises(ValueError, match=r"GRU is the layer type 'GRU' already \(one class has one layout\)"):
+        pdprune.register_layer_type("Recurrent", torch.nn.GRU)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.hidden, self.project = torch.nn.Embedding(30, 16), torch.nn.Linear(16, 24), torch.nn.Linear(24, 16)
+            self.rnn, self.head = torch.nn.GRU(16, 16, batch_first=True), torch.nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(self.project(torch.relu(self.hidden(self.embed(ids)))))[0][:, -1])
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(Classifier(), PruningConfig(sparsity=0.5, structure="channel", module_types=("Linear", "GRU")),
+                           example_inputs=torch.randint(0, 30, (2, 7)))
+    assert sorted(pruner.units) == ["hidden"] and "a GRU holds ['weight_ih_l0', 'weight_hh_l0']" in pruner.report().skipped["rnn.weight_ih_l0"]
+
+
 def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason():
     layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
     model = torch.nn.Sequential(layer)

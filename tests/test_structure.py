@@ -422,3 +422,70 @@ def test_a_layer_under_weight_norm_keeps_it_and_the_channels_it_reads_stay_dense
     small = compact(model, example).eval()
     assert small[4].out_channels == 4 and parametrize.is_parametrized(small[2], "weight")
     assert (small(example) - model(example)).abs().max() < 1e-5
+
+
+class _AttentionGate(nn.Module):
+    """CBAM's channel attention: named like attention, but it gates channels and has no heads."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.squeeze, self.excite = nn.Conv2d(channels, channels // 2, 1), nn.Conv2d(channels // 2, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean(dim=(2, 3), keepdim=True)))))
+
+
+class AttentionGateNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.gate, self.body, self.head = nn.Conv2d(3, 8, 3), _AttentionGate(8), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(self.gate(torch.relu(self.stem(x))))))
+
+
+def test_modules_named_like_attention_without_heads_are_pruned_like_any_other():
+    """Only attention with heads (a head count or size, a config) keeps its layers out of channel
+    groups: a model named AttentionGateNet, or CBAM's gate, is no attention."""
+    pruner = PDPPruner(AttentionGateNet(), PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=torch.randn(2, 3, 10, 10))
+    assert sorted(pruner.units) == ["body", "gate.squeeze", "stem"]
+
+
+def test_hook_based_weight_norm_is_left_dense_and_refused_for_channels_with_the_reason():
+    """HiFi-GAN's `torch.nn.utils.weight_norm` computes `weight` in a hook: left dense with the reason;
+    channel pruning cannot copy such a model (PyTorch refuses), and says so."""
+    def build() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch deprecates the hook-based weight_norm
+            return nn.Sequential(nn.utils.weight_norm(nn.Conv1d(8, 16, 3)), nn.ReLU(), nn.Conv1d(16, 8, 3), nn.ReLU(), nn.Conv1d(8, 1, 1))
+
+    model = build()
+    with pytest.warns(UserWarning, match=r"left dense: \['0.weight'\] \(another parametrization or a hook computes them"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    assert pruner.tensor_names == ["2.weight", "4.weight"] and "remove_weight_norm" in pruner.report().skipped["0.weight"]
+    with pytest.raises(ValueError, match=r"PyTorch cannot copy \['0.weight'\]: tensors a hook computes"):
+        PDPPruner(build(), PruningConfig(structure="channel"), example_inputs=torch.randn(2, 8, 12))
+    only_hooked = nn.Sequential(build()[0])
+    with pytest.raises(ValueError, match=r"nothing to prune: every selected weight is computed from other tensors: 0.weight is no Parameter"):
+        PDPPruner(only_hooked, PruningConfig())
+
+
+def test_transposed_convs_hold_n_m_groups_within_each_of_their_groups():
+    model = nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=8), nn.ConvTranspose2d(8, 16, 3, groups=2), nn.Conv2d(16, 4, 1))
+    with pytest.warns(UserWarning, match=r"left dense: \['0.weight'\]"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="2:4", schedule=IMMEDIATE))
+    assert pruner.report().skipped["0.weight"].endswith("(dimension 0 of shape (8, 1, 3, 3), 1 per group) to be a multiple of 4")
+    pruner.finalize()
+    assert is_nm_sparse(model[1].weight, 2, 4, input_dim=0)
+
+
+def test_macs_count_pytorch_s_fused_attention():
+    """In eval mode nn.MultiheadAttention runs fused kernels that FlopCounterMode misses."""
+    from pdprune import count_macs_and_parameters
+
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False)
+    x = torch.randn(2, 8, 32)
+    projections = 2 * 8 * 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64)  # batch x tokens x layers x (qkv, out, ffn)
+    scores = 2 * 2 * 4 * 2 * 8 * 8 * 8  # batch x layers x heads x (q k^T, p v) x tokens^2 x head width
+    assert count_macs_and_parameters(model, x)[0] == projections + scores
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -49,7 +49,8 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     _warn_float16(selected)
     units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
     if not units:
-        raise ValueError(f"nothing left to prune: {'; '.join(f'{name}: {why}' for name, why in incompatible.items())}")
+        reasons = [f"{name}: {why}" for name, why in (incompatible | skipped).items()]
+        raise ValueError(f"nothing left to prune: {'; '.join(reasons[:8])}{f'; and {len(reasons) - 8} more' if len(reasons) > 8 else ''}")
     tensors = _register(registrations)
     _declare_shared_names(model)
     group_members: dict[str, dict[str, Tensor]] = {}
@@ -66,19 +67,27 @@ def qualified_name(module_name: str, attribute: str) -> str:
 
 def _tensors_of(selected: Mapping[str, nn.Module]) -> dict[str, tuple[str, nn.Module, str]]:
     """Tensor name -> (module name, module, attribute) for every tensor of the selected modules that PDP
-    prunes (their layer type's `tensors`), empty ones and those under another parametrization left out."""
+    prunes (their layer type's `tensors`), empty ones and those computed from other tensors left out."""
     known = layer_types()
     return {
         qualified_name(name, attribute): (name, module, attribute)
         for name, module in selected.items()
         for attribute in layer_type_of(module, known).tensors_of(module)
-        if not parametrize.is_parametrized(module, attribute) and getattr(module, attribute).numel()
+        if _plain(module, attribute) and getattr(module, attribute).numel()
     }
 
 
+def _plain(module: nn.Module, attribute: str) -> bool:
+    """Whether the tensor is the module's own Parameter or buffer: not computed by another
+    parametrization (which moves it) or by a hook (torch.nn.utils.weight_norm sets a plain attribute)."""
+    return attribute in module._parameters or attribute in module._buffers
+
+
 def _weight_bearing(module: nn.Module) -> list[str]:
-    """Names of the module's own Parameters with two or more dimensions (a matrix, a filter bank)."""
-    return [name for name, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2]
+    """Names of the module's own Parameters that look like weights: two or more dimensions (a matrix, a
+    filter bank), the first over more than one entry (a ViT's class token and position embedding,
+    (1, ..., width), broadcast over the batch, are no layer's weight)."""
+    return [name for name, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2 and parameter.shape[0] > 1]
 
 
 def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -115,7 +124,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     reparametrized = {}
     for name, module in selected.items():
         _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
-        reparametrized |= _foreign_parametrizations(name, module, layer_type_of(module, known))
+        reparametrized |= _computed_elsewhere(name, module, layer_type_of(module, known))
     if reparametrized and config.on_incompatible == "error":
         raise ValueError(f"{next(iter(reparametrized.values()))}; or pass on_incompatible='skip' to leave such weights dense")
     skipped |= reparametrized
@@ -125,18 +134,19 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
         skipped[tensor_name] = f"its shape {shape} holds no elements: nothing to prune"
     selected = {name: module for name, module in selected.items() if _tensors_of({name: module})}
     if reparametrized:
-        warnings.warn(f"left dense: {sorted(reparametrized)} (another parametrization; pruner.report() says why)", stacklevel=4)
+        warnings.warn(f"left dense: {sorted(reparametrized)} (another parametrization or a hook computes them; pruner.report() says why)", stacklevel=4)
     if empty and not selected:
         raise ValueError(
             f"nothing to prune: every selected weight holds no elements ({', '.join(f'{n} has shape {s}' for n, s in empty.items())}); "
             "select layers with weights (module_types, include/exclude) or check the model's sizes"
         )
+    if reparametrized and not selected:
+        raise ValueError(f"nothing to prune: every selected weight is computed from other tensors: {'; '.join(reparametrized.values())}")
     if not selected:
         raise ValueError(
             f"no prunable layer selected: the model has no module of types {list(config.module_types)}"
             + (" left after include/exclude" if candidates else "")
             + "; pass module_types=... or change include/exclude"
-            + (f" ({'; '.join(reparametrized.values())})" if reparametrized else "")
         )
     if empty:
         warnings.warn(f"left dense: {sorted(empty)} (no elements; pruner.report() says why)", stacklevel=4)
@@ -173,8 +183,8 @@ def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType)
             f"Take {layer_type.name!r} out of module_types, or exclude the module: exclude=({name!r},)"
         )
     for attribute in attributes:
-        if parametrize.is_parametrized(module, attribute):
-            continue  # left dense (`_foreign_parametrizations`)
+        if not _plain(module, attribute):
+            continue  # left dense (`_computed_elsewhere`)
         weight = getattr(module, attribute)
         if weight.is_meta:
             raise ValueError(
@@ -183,20 +193,28 @@ def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType)
             )
         if not weight.is_floating_point():
             raise TypeError(f"{qualified_name(name, attribute)} has dtype {weight.dtype}; PDP prunes floating-point weights: exclude it")
-        layer_type.check(weight, name)
+        layer_type.check(weight, name, attribute)
 
 
-def _foreign_parametrizations(name: str, module: nn.Module, layer_type: LayerType) -> dict[str, str]:
-    """Tensor name -> why it stays dense, for the tensors that carry another parametrization (weight_norm
-    in wav2vec2's positional conv, spectral_norm in a GAN): PDP's mask would change or remove it."""
+def _computed_elsewhere(name: str, module: nn.Module, layer_type: LayerType) -> dict[str, str]:
+    """Tensor name -> why it stays dense, for the tensors computed from others: under another
+    parametrization (weight_norm in wav2vec2's positional conv, spectral_norm in a GAN), which PDP's mask
+    would change or remove, or set by a hook (torch.nn.utils.weight_norm, as HiFi-GAN uses)."""
     reasons = {}
     for attribute in layer_type.tensors_of(module):
+        tensor_name, silence = qualified_name(name, attribute), f"to silence this, exclude=({name!r},)"
         if parametrize.is_parametrized(module, attribute):
             foreign = [type(p).__name__ for p in module.parametrizations[attribute]]
-            reasons[qualified_name(name, attribute)] = (
-                f"{qualified_name(name, attribute)} already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and "
+            reasons[tensor_name] = (
+                f"{tensor_name} already carries a parametrization ({', '.join(foreign)}); PDP masks plain weights and "
                 f"would change or remove it. To prune it, remove that first (torch.nn.utils.parametrize.remove_parametrizations("
-                f"model.get_submodule({name!r}), {attribute!r}, leave_parametrized=True)); to silence this, exclude=({name!r},)"
+                f"model.get_submodule({name!r}), {attribute!r}, leave_parametrized=True)); {silence}"
+            )
+        elif not _plain(module, attribute):
+            reasons[tensor_name] = (
+                f"{tensor_name} is no Parameter but computed by a hook from others (torch.nn.utils.weight_norm's weight_g and "
+                f"weight_v, spectral_norm's weight_orig); PDP masks Parameters. To prune it, remove the hook first "
+                f"(torch.nn.utils.remove_weight_norm(model.get_submodule({name!r})), or remove_spectral_norm); {silence}"
             )
     return reasons
 
@@ -243,9 +261,12 @@ def _build_units(
         else:
             n, m = structure
             input_dim = layer_type.input_dim
-            if weight.shape[input_dim] % m:
+            # a grouped transposed conv keeps all its groups' inputs along dimension 0: each group's must hold whole groups of m
+            per_group = weight.shape[input_dim] // module.groups if isinstance(module, nn.modules.conv._ConvTransposeNd) else weight.shape[input_dim]
+            if per_group % m:
                 problem = (f"{n}:{m} needs the input dimension of {tensor_name!r} (dimension {input_dim} of shape "
-                           f"{tuple(weight.shape)}) to be a multiple of {m}")
+                           f"{tuple(weight.shape)}{f', {per_group} per group' if per_group != weight.shape[input_dim] else ''}) "
+                           f"to be a multiple of {m}")
                 if config.on_incompatible == "error":
                     raise ValueError(f"{problem}; exclude it, e.g. exclude=({name!r},), or pass on_incompatible='skip'")
                 skipped[tensor_name] = problem

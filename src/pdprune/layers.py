@@ -36,11 +36,11 @@ class LayerType:
         its packed `in_proj_weight` or three separate projections, the others None)."""
         return [name for name in self.tensors if isinstance(getattr(module, name, None), Tensor)]
 
-    def check(self, weight: Tensor, module_name: str) -> None:
-        """Raise ValueError if `weight` (of module `module_name`) cannot have this layout."""
+    def check(self, weight: Tensor, module_name: str, tensor: str = "weight") -> None:
+        """Raise ValueError if `weight` (the `tensor` of module `module_name`) cannot have this layout."""
         if weight.dim() < 2 or max(self.input_dim, self.output_dim) >= weight.dim():
             raise ValueError(
-                f"{module_name!r} is a {self.name} whose weight has shape {tuple(weight.shape)}, but the layer type "
+                f"{module_name or 'the model'!r} is a {self.name} whose {tensor} has shape {tuple(weight.shape)}, but the layer type "
                 f"{self.name!r} declares input_dim={self.input_dim} and output_dim={self.output_dim}; "
                 "declare the layout its weight has with pdprune.register_layer_type, or exclude the module"
             )
@@ -100,6 +100,10 @@ def register_layer_type(
     known = layer_types().get(name)
     if known is not None and known.module_type is not module_type:
         raise ValueError(f"layer type name {name!r} is taken by {known.module_type.__qualname__}; pick another name")
+    other = next((other for other in layer_types().values() if other.module_type is module_type and other.name != name), None)
+    if other is not None:
+        raise ValueError(f"{module_type.__qualname__} is the layer type {other.name!r} already (one class has one layout); "
+                         f"use that name in module_types, or register a subclass")
     layer_type = LayerType(name, module_type, input_dim, output_dim, tuple(tensors))
     _REGISTERED[name] = layer_type
     return layer_type

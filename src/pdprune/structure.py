@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pdprune.attention import AttentionSpec, find_attention
+from pdprune.attention import HEAD_SIZE_ATTRIBUTES, HEADS_ATTRIBUTES, AttentionSpec, find_attention
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.layer_surgery import layout_pruner, prune_entries, torch_pruning
 from pdprune.layers import layer_type_of, layer_types
@@ -96,16 +96,26 @@ def _opaque_attention_pruner(specs: dict[int, AttentionSpec]):
 def _dependency_graph(model: nn.Module, example_inputs: ExampleInputs, attention: list[AttentionSpec]):
     tp = torch_pruning()
     known = layer_types()
-    customized: dict[Any, Any] = {
+    customized: dict[Any, Any] = {  # layer types whose `weight` holds their channels (not a GRU's weight_ih_l0)
         layer_type.module_type: layout_pruner(layer_type)
         for layer_type in known.values()
-        if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))
+        if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)) and layer_type.tensors == ("weight",)
     }
     with evaluating(model), _time_bound("tracing the model"), _without_cache(model):  # tracing runs a forward pass
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, output_transform=lambda outputs: _graph_outputs(outputs),
-            customized_pruners=customized, verbose=False,
-        )
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, output_transform=lambda outputs: _graph_outputs(outputs),
+                customized_pruners=customized, verbose=False,
+            )
+        except TimeoutError:
+            raise
+        except Exception as error:  # noqa: BLE001 - Torch-Pruning's index mappings fail on some operations (inputs are checked before)
+            failure = error
+    raise ValueError(
+        f"Torch-Pruning could not follow this model's channels ({type(failure).__name__}: {failure}), so no channel or head "
+        "can be pruned as a unit: prune it with an unstructured or N:M structure (e.g. nn.MultiheadAttention(add_zero_attn=True) "
+        "concatenates a zero column it cannot map)"
+    ) from failure
 
 
 @contextlib.contextmanager
@@ -261,16 +271,28 @@ def _coupled_root_channels(root: nn.Module, group, graph) -> list[set[int]]:
 
 
 def _unrecognized_attention_modules(model: nn.Module, attention: list[AttentionSpec]) -> list[str]:
-    """Modules named like attention that `attention.py` did not recognize (nor any module in or around them)."""
+    """Modules named like attention and holding heads (a head count or size, a config) that `attention.py`
+    did not recognize (nor any module in or around them). CBAM's ChannelAttention, which gates channels
+    and has no heads, is no attention here."""
     recognized = [spec.module for spec in attention]
     found = []
     for name, module in model.named_modules():
         kind = type(module).__name__.lower()
-        if "attention" not in kind and "attn" not in kind:
+        if ("attention" not in kind and "attn" not in kind) or not _holds_heads(module):
             continue
-        if not any(name == other or name.startswith(f"{other}.") or other.startswith(f"{name}.") for other in recognized):
+        if not any(_within(name, other) or _within(other, name) for other in recognized):
             found.append(name)
     return found
+
+
+def _holds_heads(module: nn.Module) -> bool:
+    return (isinstance(module, nn.MultiheadAttention) or hasattr(module, "config")
+            or any(isinstance(getattr(module, name, None), int) for name in (*HEADS_ATTRIBUTES, *HEAD_SIZE_ATTRIBUTES)))
+
+
+def _within(name: str, outer: str) -> bool:
+    """Whether module `name` is `outer` or inside it (every module is inside the model, named "")."""
+    return not outer or name == outer or name.startswith(f"{outer}.")
 
 
 def _inside_attention(model: nn.Module, attention: list[AttentionSpec]) -> set[str]:
@@ -281,7 +303,7 @@ def _inside_attention(model: nn.Module, attention: list[AttentionSpec]) -> set[s
     inside = {name for spec in attention for name in spec.projections}
     producers = _producers()
     for name in _unrecognized_attention_modules(model, attention):
-        inside |= {f"{name}.{sub}" for sub, module in model.get_submodule(name).named_modules() if sub and isinstance(module, producers)}
+        inside |= {inner for inner, module in model.named_modules() if inner != name and _within(inner, name) and isinstance(module, producers)}
     return inside
 
 
@@ -289,8 +311,8 @@ def _unrecognized_attention(model: nn.Module, attention: list[AttentionSpec], se
     """Modules named like attention, not recognized, that hold selected layers: name -> those layers."""
     found: dict[str, list[str]] = {}
     for name in _unrecognized_attention_modules(model, attention):
-        inside = [n for n in selected if n.startswith(f"{name}.")]
-        if inside and not any(inside[0].startswith(f"{other}.") for other in found):
+        inside = [n for n in selected if n != name and _within(n, name)]
+        if inside and not any(_within(inside[0], other) for other in found):
             found[name] = sorted(inside)
     return found
 
@@ -337,7 +359,7 @@ def _remove(model: nn.Module, spec: UnitSpec, units: list[int], graph, attention
 
 def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: ExampleInputs) -> bool:
     """Zero a third of each unit group's units in one copy, remove them in another, compare the outputs."""
-    masked, removed = copy.deepcopy(model), copy.deepcopy(model)
+    masked, removed = _copy(model), _copy(model)
     attention = {spec.module: spec for spec in find_attention(removed, example_inputs)}
     graph = _dependency_graph(removed, example_inputs, list(attention.values())) if any(s.kind == "channel" for s in specs) else None
     generator = torch.Generator().manual_seed(0)
@@ -351,6 +373,22 @@ def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: E
             return same_outputs(call_model(masked, example_inputs), call_model(removed, example_inputs))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError, AssertionError):
         return False  # the removal broke the model
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy (to remove channels from), or a ValueError naming what PyTorch cannot copy."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as error:
+        if "deepcopy protocol" not in str(error):
+            raise
+        computed = [f"{name}.{key}" if name else key for name, module in model.named_modules()
+                    for key, value in vars(module).items() if isinstance(value, torch.Tensor) and not value.is_leaf]
+        raise ValueError(
+            f"channel pruning removes channels from a copy of the model, and PyTorch cannot copy {computed[:4]}: tensors a hook "
+            "computes (torch.nn.utils.weight_norm or spectral_norm). Use torch.nn.utils.parametrizations.weight_norm or "
+            "spectral_norm instead (pdprune leaves those layers dense), or remove the hooks"
+        ) from error
 
 
 def _check_inputs(model: nn.Module, example_inputs: ExampleInputs) -> None:
@@ -448,7 +486,7 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     """
     refuse_parametrized(model, "compact()")
     _check_inputs(model, example_inputs)
-    compacted = copy.deepcopy(model)
+    compacted = _copy(model)
     for spec in find_attention(compacted, example_inputs):
         dead = spec.dead_units(compacted)
         if dead and len(dead) < spec.kv_heads:
@@ -482,11 +520,22 @@ def _channels_are_zero(module: nn.Module, channels: list[int]) -> bool:
 def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -> tuple[int, int]:
     """Multiply-accumulates of one forward pass on `example_inputs` (half the floating-point operations
     PyTorch's FlopCounterMode counts: every matrix product and convolution, attention's included, whatever
-    layer type runs it), and the parameter count."""
-    from torch.utils.flop_counter import FlopCounterMode
+    layer type runs it), and the parameter count. What FlopCounterMode misses is counted too: the CPU's
+    scaled-dot-product attention kernel (as the GPUs' is), and nn.MultiheadAttention's fused inference
+    kernels, switched off while counting."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        call_model(model, example_inputs)
+    def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    fused = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    try:
+        with evaluating(model), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            call_model(model, example_inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fused)
     return counter.get_total_flops() // 2, sum(parameter.numel() for parameter in model.parameters())
 
 
