@@ -324,7 +324,7 @@ def test_onnx_export_of_the_compacted_model_that_train_wrote(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main([*QUICK, "--no-dense", "--structure", "channel", "--sparsity", "0.5", "--out", str(out)]) == 0
-    assert main(["export", str(out / "model_compacted.pt"), str(tmp_path / "small.onnx"), "--format", "onnx"]) == 0
+    assert main(["export", str(out / "model_compacted.pt"), str(tmp_path / "small.onnx")]) == 0  # ONNX for its suffix
     small = load_compacted(out / "model_compacted.pt", build_model("mlp", (1, 8, 8), 10)).eval()
     x = load_dataset("digits").evaluations["test"][0][:5]
     session = onnxruntime.InferenceSession(str(tmp_path / "small.onnx"))

@@ -46,6 +46,16 @@ def test_damaged_or_foreign_sparse_files_are_refused(tmp_path):
     state = torch.load(tmp_path / "s.pt", weights_only=True)
     state["values"]["float32"] = state["values"]["float32"][:-5]
     save_checkpoint(tmp_path / "damaged.pt", state)
+    with pytest.raises(ValueError, match=r"is damaged: tensor 'layers.\d.bias' of shape \(\d+,\) has \d+ values"):
+        load_sparse(tmp_path / "damaged.pt")  # the last tensor is dense: a bias
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    last_weight = [name for name in state["entries"] if name.endswith("weight")][-1]
+    end = state["entries"][last_weight]["values"][1]
+    state["values"]["float32"] = torch.cat([state["values"]["float32"][: end - 5], state["values"]["float32"][end:]])
+    for entry in list(state["entries"].values())[list(state["entries"]).index(last_weight) + 1:]:
+        entry["values"] = (entry["values"][0] - 5, entry["values"][1] - 5)
+    state["entries"][last_weight]["values"] = (state["entries"][last_weight]["values"][0], end - 5)
+    save_checkpoint(tmp_path / "damaged.pt", state)
     with pytest.raises(ValueError, match=r"is damaged: tensor 'layers.\d.weight' has \d+ mask bits but \d+ values"):
         load_sparse(tmp_path / "damaged.pt")
     save_checkpoint(tmp_path / "future.pt", {**state, "format": "pdprune.sparse/9"})

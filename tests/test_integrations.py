@@ -119,11 +119,24 @@ def test_transformers_callback_on_a_small_bert(tmp_path, structure):
         torch.testing.assert_close(dict(resumed_model.named_modules())[name].weight, module.weight, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture, structure", [("gpt2", "unstructured"), ("bert", "channel")])
+class _PlainClassifier(torch.nn.Module):
+    """Not a PreTrainedModel: the Trainer saves its checkpoints with safetensors' save_file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.hidden, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 2)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.head(torch.relu(self.hidden(self.embed(input_ids).mean(dim=1))))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("architecture, structure", [("gpt2", "unstructured"), ("bert", "channel"), ("plain", "channel")])
 def test_transformers_checkpoints_take_tensors_the_masks_share(tmp_path, architecture, structure):
-    """A tied embedding's weight (GPT-2's wte and lm_head) and a channel group's state are one tensor
-    under several names once masked; the Trainer's safetensors checkpoints must take them, and training
-    resumed from one must end where the uninterrupted run ends."""
+    """A tied embedding's weight (GPT-2's wte and lm_head) is one tensor under several names once masked,
+    and a channel group gates several tensors; the Trainer's safetensors checkpoints must take them
+    (save_pretrained, or save_file for a plain module), and training resumed from one must end where
+    the uninterrupted run ends."""
     import transformers
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
@@ -139,10 +152,12 @@ def test_transformers_checkpoints_take_tensors_the_masks_share(tmp_path, archite
         if architecture == "gpt2":
             model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=64))
             example = None
-        else:
+        elif architecture == "bert":
             model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                              intermediate_size=64, max_position_embeddings=16))
             example = {"input_ids": ids[:2]}
+        else:
+            model, example = _PlainClassifier(), {"input_ids": ids[:2], "labels": labels[:2]}
         config = PruningConfig(sparsity=0.5, structure=structure, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=3))
         callback = PDPTrainerCallback(model, config, example_inputs=example)
         arguments = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=4, save_strategy="epoch",
@@ -154,4 +169,5 @@ def test_transformers_checkpoints_take_tensors_the_masks_share(tmp_path, archite
     straight, resumed = run(resume=False), run(resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    assert float((straight.state_dict()["lm_head.weight" if architecture == "gpt2" else "bert.encoder.layer.0.intermediate.dense.weight"] == 0).float().mean()) >= 0.4
+    pruned = {"gpt2": "lm_head.weight", "bert": "bert.encoder.layer.0.intermediate.dense.weight", "plain": "hidden.weight"}[architecture]
+    assert float((straight.state_dict()[pruned] == 0).float().mean()) >= 0.4

@@ -309,9 +309,9 @@ def _structured_unit(model: nn.Module, spec: UnitSpec, config: PruningConfig, re
     group = ChannelGroup(spec.name, spec.size, slices, like, config.temperature, relative, kind=spec.kind,
                          soft_gradient=config.schedule.anneal_soft_gradient)
     gated: list[Registration] = []
-    for piece, bound in zip(spec.gated, slices["gated"]):
-        module = bound.module
-        gated.append((f"{piece.module}.{piece.tensor_name}", module, piece.tensor_name, ChannelMask(group, piece.dim, bound.positions)))
+    for index, (piece, bound) in enumerate(zip(spec.gated, slices["gated"])):
+        mask = ChannelMask(group, piece.dim, bound.positions, owns_group=index == 0)
+        gated.append((qualified_name(piece.module, piece.tensor_name), bound.module, piece.tensor_name, mask))
     return group, gated
 
 

@@ -638,7 +638,7 @@ def command_export(args: argparse.Namespace) -> int:
     _input_file(args.model, "a model file, e.g. runs/demo/model.pt")
     _output_file(args.out, args.model, "OUT", overwrite=args.overwrite)
     weights, metadata = read_state_dict(args.model)
-    if args.format == "sparse":
+    if (args.format or ("onnx" if args.out.suffix == ".onnx" else "sparse")) == "sparse":
         save_sparse(args.out, weights, **metadata)
     else:
         model = _architecture(args.model, metadata)
@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser = commands.add_parser("export", parents=[debug], help="write a model compressed (sparse bitmask + values) or as ONNX")
     export_parser.add_argument("model", type=Path, help="a model file, e.g. the model.pt or model_compacted.pt that `pdprune train` wrote")
     export_parser.add_argument("out", type=Path, help="the file to write (not the input; an existing file only with --overwrite)")
-    export_parser.add_argument("--format", default="sparse", choices=("sparse", "onnx"), help="default: %(default)s")
+    export_parser.add_argument("--format", default=None, choices=("sparse", "onnx"), help="default: onnx if OUT ends in .onnx, else sparse")
     export_parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export_parser.set_defaults(handler=command_export)
     parser.commands = {"train": train_parser, "bench": bench_parser, "report": report_parser, "export": export_parser}

@@ -98,6 +98,8 @@ def load_sparse(path: str | os.PathLike) -> dict[str, Tensor]:
         numel = int(np.prod(entry["shape"], dtype=np.int64))
         values = state["values"][entry["dtype"]][entry["values"][0] : entry["values"][1]]
         if "mask" not in entry:
+            if values.numel() != numel:
+                raise ValueError(f"{os.fspath(path)!r} is damaged: tensor {name!r} of shape {tuple(entry['shape'])} has {values.numel()} values")
             tensors[name] = values.clone().reshape(entry["shape"])
             continue
         nonzero = torch.from_numpy(np.unpackbits(masks[entry["mask"][0] : entry["mask"][1]], count=numel).astype(bool))

@@ -529,9 +529,12 @@ class ChannelMask(nn.Module):
 
     structure = "channel"
 
-    def __init__(self, group: ChannelGroup, dim: int, positions: Tensor) -> None:
+    def __init__(self, group: ChannelGroup, dim: int, positions: Tensor, owns_group: bool = True) -> None:
         super().__init__()
-        self.group = group
+        if owns_group:
+            self.group = group
+        else:  # not a submodule: the group's state is saved once, under the tensor that owns it (safetensors refuses a tensor saved twice)
+            self.__dict__["group"] = group
         self.dim = dim
         self.register_buffer("positions", positions, persistent=False)
 

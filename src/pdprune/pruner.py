@@ -290,9 +290,9 @@ class PDPPruner:
             )
         baked = self._baked()
         cleared = self._cleared(baked)
-        for name, (module, tensor_name) in self._tensors.items():
-            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-            with torch.no_grad():
+        _remove_masks(self._tensors, self._parameter_orders)
+        with torch.no_grad():
+            for name, (module, tensor_name) in self._tensors.items():
                 getattr(module, tensor_name).copy_(baked[name])
         with torch.no_grad():
             for name, value in cleared.items():
@@ -332,7 +332,7 @@ class PDPPruner:
                     continue
                 dropped = ~unit.keep_mask(self.budgets[name])  # (size,)
                 for piece in unit.slices("cleared"):
-                    key = f"{self._name_of(piece.module)}.{piece.tensor_name}"
+                    key = qualified_name(self._name_of(piece.module), piece.tensor_name)
                     tensor = values.get(key, baked.get(key, getattr(piece.module, piece.tensor_name).detach()))
                     values[key] = tensor.index_fill(piece.dim, piece.positions[dropped].reshape(-1), 0)
         return values
@@ -363,13 +363,15 @@ class PDPPruner:
                 self.hard_cut[name] = float((soft - value).square().sum()) / used if used > 0 else 0.0
         worst = max(self.hard_cut, key=self.hard_cut.get, default=None)
         if worst is not None and self.hard_cut[worst] > HARD_CUT_WARNING:
-            remedy = (
-                "Re-estimate the BatchNorm statistics after finalize() (torch.optim.swa_utils.update_bn), which gave "
-                "the cost back on ResNet-20 at 1:4 (README)" if self.config.schedule.anneal_end_epoch is not None else
-                "Train with ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends; "
-                "for a model with BatchNorm already trained, re-estimating its statistics (torch.optim.swa_utils.update_bn) "
-                "recovers part"
-            )
+            batchnorm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in self.model.modules())
+            if self.config.schedule.anneal_end_epoch is None:
+                remedy = ("Train with ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends"
+                          + ("; for a model with BatchNorm already trained, re-estimating its statistics "
+                             "(torch.optim.swa_utils.update_bn) recovers part" if batchnorm else ""))
+            else:
+                remedy = ("Re-estimate the BatchNorm statistics after finalize() (torch.optim.swa_utils.update_bn), which gave "
+                          "the cost back on ResNet-20 at 1:4 (README)" if batchnorm else
+                          "The anneal had not turned the mask hard: finalize() once it ends, or anneal further (anneal_factor)")
             warnings.warn(
                 f"the hard mask removes {100 * self.hard_cut[worst]:.0f}% of the weight energy that {worst!r} computed "
                 f"with (its soft mask let pruned weights contribute); expect an accuracy drop. {remedy}",
