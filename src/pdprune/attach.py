@@ -358,7 +358,7 @@ def _declare_shared_names(model: nn.Module) -> None:
     """Let Hugging Face checkpoints take the masked model: `save_pretrained` (and so every Trainer
     checkpoint) refuses a tensor saved under several names unless all but one are declared tied. The
     parametrizations make such names: a tied weight's original and its mask's state appear under each
-    module holding it, a channel group's state under each tensor it gates. Every name after the first is
+    module holding it (a channel group's state appears once: `ChannelMask`). Every name after the first is
     declared in `_tied_weights_keys` of the ParametrizationList holding it (transformers collects that
     attribute from every submodule; the list goes at finalize), so the file keeps one copy, and loading
     it fills the one tensor that all the names share."""
