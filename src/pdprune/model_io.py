@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 __all__ = [
-    "ExampleInputs", "call_model", "evaluating", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description", "first_tensor",
+    "ExampleInputs", "call_model", "evaluating", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description",
     "refuse_parametrized",
 ]
 
@@ -80,12 +80,6 @@ def tensor_leaves(outputs: Any) -> list[Tensor]:
     if isinstance(outputs, (list, tuple)):
         return [leaf for value in outputs for leaf in tensor_leaves(value)]
     return [leaf for leaf in _pytree.tree_leaves(outputs) if isinstance(leaf, Tensor)]
-
-
-def first_tensor(outputs: Any) -> Tensor | None:
-    """The first tensor of a model's outputs (the logits of a `ModelOutput`), or None."""
-    leaves = tensor_leaves(outputs)
-    return leaves[0] if leaves else None
 
 
 def same_outputs(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:

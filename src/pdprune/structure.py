@@ -27,11 +27,11 @@ from torch.nn.utils import parametrize
 
 from pdprune.attention import HEAD_SIZE_ATTRIBUTES, HEADS_ATTRIBUTES, AttentionSpec, find_attention
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
-from pdprune.layer_surgery import layout_pruner, prune_entries, torch_pruning
+from pdprune.layer_surgery import layout_pruner, torch_pruning
 from pdprune.layers import layer_type_of, layer_types
 from pdprune.units import Slice, UnitSpec
 from pdprune.model_io import (
-    ExampleInputs, call_model, describe_inputs, evaluating, first_tensor, inputs_from_description, refuse_parametrized, same_outputs,
+    ExampleInputs, call_model, describe_inputs, evaluating, inputs_from_description, refuse_parametrized, same_outputs,
     tensor_leaves,
 )
 
