@@ -246,7 +246,7 @@ def _build_units(
             raise ValueError(f"{sorted(asked)} share one weight but ask for different structures {asked}; "
                              "give them one structure in layer_structures, or exclude all but one")
         if structure == "channel":
-            if layer_type.tensors != ("weight",):
+            if not layer_type.channels_in_weight:
                 skipped[tensor_name] = (f"channel pruning removes the output channels of a layer's `weight`; a {layer_type.name} holds "
                                         f"{layer_type.tensors_of(module)} instead, of which pdprune removes no channels or heads: give it an "
                                         f"unstructured or N:M structure (layer_structures={{{name!r}: '2:4'}})")

@@ -31,6 +31,12 @@ class LayerType:
     output_dim: int = 0
     tensors: tuple[str, ...] = ("weight",)
 
+    @property
+    def channels_in_weight(self) -> bool:
+        """Whether its `weight` holds its channels, as channel pruning and Torch-Pruning need (not a GRU's
+        weight_ih_l0, nor nn.MultiheadAttention's packed projections)."""
+        return self.tensors == ("weight",)
+
     def tensors_of(self, module: nn.Module) -> list[str]:
         """The names among `tensors` that `module` holds as tensors (nn.MultiheadAttention holds either
         its packed `in_proj_weight` or three separate projections, the others None)."""

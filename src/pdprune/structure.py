@@ -96,10 +96,10 @@ def _opaque_attention_pruner(specs: dict[int, AttentionSpec]):
 def _dependency_graph(model: nn.Module, example_inputs: ExampleInputs, attention: list[AttentionSpec]):
     tp = torch_pruning()
     known = layer_types()
-    customized: dict[Any, Any] = {  # layer types whose `weight` holds their channels (not a GRU's weight_ih_l0)
+    customized: dict[Any, Any] = {
         layer_type.module_type: layout_pruner(layer_type)
         for layer_type in known.values()
-        if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)) and layer_type.tensors == ("weight",)
+        if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)) and layer_type.channels_in_weight
     }
     with evaluating(model), _time_bound("tracing the model"), _without_cache(model):  # tracing runs a forward pass
         try:
@@ -140,7 +140,7 @@ def _graph_outputs(outputs: Any) -> list[torch.Tensor]:
 def _producers() -> tuple[type[nn.Module], ...]:
     """Layer types whose output channels PDP can prune: those whose `weight` holds them."""
     return tuple(layer_type.module_type for layer_type in layer_types().values()
-                 if layer_type.name != "Embedding" and layer_type.tensors == ("weight",))
+                 if layer_type.name != "Embedding" and layer_type.channels_in_weight)
 
 
 @dataclass(frozen=True)
