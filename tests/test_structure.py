@@ -403,6 +403,8 @@ def test_a_layer_whose_channels_are_the_model_s_outputs_is_left_dense_with_the_r
     assert sorted(pruner.units) == ["0"] and "channel group 2" in pruner.report().skipped
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"nothing left to prune: channel group 0: Torch-Pruning's graph gives its output channels no group"):
         PDPPruner(nn.Sequential(nn.Linear(8, 4)), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"nothing left to prune: channel group \(the model\): Torch-Pruning"):
+        PDPPruner(nn.Linear(8, 4), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
 
 
 def test_a_layer_under_weight_norm_keeps_it_and_the_channels_it_reads_stay_dense():

@@ -465,7 +465,12 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     for name in sorted(selected - grouped, key=order.get):
         skipped[name] = ("Torch-Pruning's graph gives its output channels no group: they are outputs of the model (e.g. a "
                          "classifier's classes), or the layer did not run on example_inputs")
-    return candidates, skipped
+    return candidates, {_display(name): why for name, why in skipped.items()}
+
+
+def _display(name: str) -> str:
+    """A group's name for messages: the model itself, when it is the layer, has the empty name."""
+    return "(the model)" + name if not name or name.startswith(" ") else name
 
 
 # --- compaction ----------------------------------------------------------------------------------------
