@@ -491,3 +491,27 @@ def test_macs_count_pytorch_s_fused_attention():
     scores = 2 * 2 * 4 * 2 * 8 * 8 * 8  # batch x layers x heads x (q k^T, p v) x tokens^2 x head width
     assert count_macs_and_parameters(model, x)[0] == projections + scores
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_a_checkpoint_holding_the_group_state_under_every_gated_tensor_loads_strictly():
+    """The first 0.1.0 saved each channel group's state under all its gated tensors (now under the first):
+    such a checkpoint still loads with strict=True, and the group state it holds is the one used."""
+    def pruned():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        return model, PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(1, 3, 8, 8))
+
+    model, pruner = pruned()
+    for _ in range(3):
+        pruner.step()
+    state = model.state_dict()
+    owner = [key for key in state if ".group." in key]
+    assert owner and all(key.startswith("0.parametrizations.weight.0.group.") for key in owner)
+    for key in owner:  # the old layout: a copy under every other gated tensor of the group
+        for other in ("0.parametrizations.bias.0.", "1.parametrizations.weight.0.", "1.parametrizations.bias.0."):
+            state[key.replace("0.parametrizations.weight.0.", other)] = state[key].clone()
+    fresh, _ = pruned()
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.state_dict()[owner[0]] == state[owner[0]] > 0
+    example = torch.randn(2, 3, 8, 8)
+    assert torch.equal(fresh.eval()(example), model.eval()(example))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -537,6 +538,14 @@ class ChannelMask(nn.Module):
             self.__dict__["group"] = group
         self.dim = dim
         self.register_buffer("positions", positions, persistent=False)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints of the first 0.1.0 saved the group's state under every gated tensor: a copy of the
+        owner's, dropped here so that they load strictly."""
+        if "group" not in self._modules:
+            for key in [key for key in state_dict if key.startswith(prefix + "group.")]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _scale(self, tensor: Tensor, mask: Tensor) -> Tensor:
         return scale_units(tensor, self.dim, self.positions, mask)
