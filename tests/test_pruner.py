@@ -415,9 +415,35 @@ def test_a_module_reused_under_two_names_is_masked_once():
     assert int((model.first.weight == 0).sum()) == 32
 
 
-def test_float16_weights_are_warned_about_with_what_to_do_instead():
-    with pytest.warns(UserWarning, match=r"\['0.weight'\] are float16.*torch.autocast"):
-        PDPPruner(nn.Sequential(nn.Linear(8, 8).half(), nn.Linear(8, 2)), PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "channel"])
+@pytest.mark.parametrize("half_after_attaching", [False, True])
+@pytest.mark.filterwarnings("ignore:channel groups left dense", "ignore:the hard mask removes")
+def test_float16_weights_get_the_masks_of_their_float32_values(structure, half_after_attaching):
+    """float16 holds neither 1/tau above 65504 nor small squares precisely: its masks compute in float32,
+    so that small weights (a threshold t of 0.003 here: 1/tau = 2e6) get the configured mask, not a soft one."""
+    def model_in(dtype: torch.dtype) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+        with torch.no_grad():
+            model[0].weight.mul_(0.05)
+        return model.to(dtype)
+
+    config = PruningConfig(sparsity=0.7 if structure != "2:4" else 0.5, structure=structure, schedule=IMMEDIATE)
+    reference = model_in(torch.float32).half().float()  # the same float16 values, masked in float32
+    reference_pruner = PDPPruner(reference, config, example_inputs=torch.randn(2, 64))
+    reference_pruner.step()
+    model = model_in(torch.float32 if half_after_attaching else torch.float16)
+    pruner = PDPPruner(model, config, example_inputs=torch.randn(2, 64, dtype=model[0].weight.dtype))
+    model.half()
+    pruner.step()
+    assert model[0].weight.dtype == torch.float16
+    torch.testing.assert_close(model[0].weight.float(), reference[0].weight.detach(), atol=1e-4, rtol=2e-3)
+    model(torch.randn(2, 64, dtype=torch.float16)).sum().backward()
+    assert model[0].parametrizations.weight.original.grad.dtype == torch.float16
+    pruner.finalize()
+    reference_pruner.finalize()
+    assert model[0].weight.dtype == torch.float16
+    assert torch.equal(model[0].weight == 0, reference[0].weight == 0) and pruner.report().zeros == reference_pruner.report().zeros
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "channel"])

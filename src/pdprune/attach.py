@@ -46,7 +46,6 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     """
     selected, skipped = _select_modules(model, config)
     check_finite({tensor_name: getattr(module, attribute) for tensor_name, (_, module, attribute) in _tensors_of(selected).items()})
-    _warn_float16(selected)
     units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
     if not units:
         reasons = [f"{name}: {why}" for name, why in (incompatible | skipped).items()]
@@ -339,19 +338,6 @@ def _register(registrations: list[Registration]) -> dict[str, tuple[nn.Module, s
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         raise
     return {name: (module, tensor_name) for name, module, tensor_name, _ in registrations}
-
-
-def _warn_float16(selected: Mapping[str, nn.Module]) -> None:
-    """float16 cannot hold PDP's 1/tau above 65504: a layer whose threshold |t| is below about 0.02 gets a
-    softer mask than configured, and the hard cut then removes weight the layer computed with."""
-    half = [name for name, (_, module, attribute) in _tensors_of(selected).items() if getattr(module, attribute).dtype == torch.float16]
-    if half:
-        warnings.warn(
-            f"{half[:3]}{' and more' if len(half) > 3 else ''} are float16, whose range cannot hold the soft mask's 1/tau for small "
-            "thresholds (the mask turns softer than configured, and finalize() shrinks the weights kept); keep the weights in "
-            "float32 (or bfloat16) and train in mixed precision with torch.autocast",
-            stacklevel=4,
-        )
 
 
 def _declare_shared_names(model: nn.Module) -> None:

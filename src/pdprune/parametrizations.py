@@ -52,6 +52,12 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def in_mask_dtype(tensor: Tensor) -> Tensor:
+    """`tensor` in the dtype its mask computes in: float32 for float16, whose range holds neither a sharp
+    mask's 1/tau (above 65504) nor the squares of small weights (below 6e-5 they lose their precision)."""
+    return tensor.float() if tensor.dtype == torch.float16 else tensor
+
+
 @dataclass(frozen=True)
 class _Gathered:
     """The staleness key of thresholds the pruner computed from a gathered sharded weight."""
@@ -78,12 +84,14 @@ class MaskState(nn.Module):
     def __init__(self, threshold_shape: tuple[int, ...], like: Tensor, temperature: float, relative_temperature: bool, soft_gradient: bool = False) -> None:
         super().__init__()
 
+        dtype = torch.float32 if like.dtype == torch.float16 else like.dtype  # see in_mask_dtype
+
         def scalar(value: float, wanted: bool = True) -> Tensor | None:
-            return torch.tensor(value, dtype=like.dtype, device=like.device) if wanted else None
+            return torch.tensor(value, dtype=dtype, device=like.device) if wanted else None
 
         self._scalar = threshold_shape == ()
         self.register_buffer("current_sparsity", torch.zeros((), dtype=torch.float64, device=like.device))
-        self.register_buffer("threshold_squared", torch.full(threshold_shape, -math.inf, dtype=like.dtype, device=like.device), persistent=False)
+        self.register_buffer("threshold_squared", torch.full(threshold_shape, -math.inf, dtype=dtype, device=like.device), persistent=False)
         self.register_buffer("temperature_value", scalar(temperature), persistent=False)
         self.register_buffer("gradient_temperature_value", scalar(temperature, soft_gradient), persistent=False)
         # 1 / tau of the mask (and of the backward's slope), folded in once per refresh where t^2 is one number
@@ -165,6 +173,14 @@ class MaskState(nn.Module):
         return self.threshold_squared, inverse_tau, inverse_temperature(
             self.threshold_squared, self.gradient_temperature_value, self.relative_temperature, compiled)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> MaskState:
+        """model.half() keeps the masks' buffers in float32 (see `in_mask_dtype`)."""
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.dtype == torch.float16:
+                self._buffers[name] = buffer.float()
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         self.current_sparsity.fill_(self._sparsity)  # written when saved, not at every step
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -217,6 +233,8 @@ class SoftMask(MaskState):
             self.compiled_forward = True
         elif self.is_stale(weight):
             self.refresh(weight)  # eager: a weight changed outside an optimizer's step is caught here
+        if weight.dtype == torch.float16:  # see in_mask_dtype
+            return self._masked(weight.float()).half()
         return self._masked(weight)
 
     def pruned_of(self, weight: Tensor) -> int:
@@ -233,7 +251,7 @@ class SoftMask(MaskState):
     def refresh(self, weight: Tensor) -> None:
         """Recompute t^2 (and the coefficients) from `weight` at the current sparsity (after an optimizer step)."""
         with torch.no_grad():
-            self.threshold_squared.copy_(self.threshold_squares(weight.detach()))
+            self.threshold_squared.copy_(self.threshold_squares(in_mask_dtype(weight.detach())))
         self.update_coefficients()
         self.mark_fresh(weight)
 
@@ -263,11 +281,12 @@ class SoftMask(MaskState):
 
     def soft(self, weight: Tensor, sparsity: float) -> Tensor:
         """w * m(w) at `sparsity`: what the network computes with before the hard cut."""
-        return weight * self.soft_mask(weight, sparsity)
+        computed = in_mask_dtype(weight)
+        return (computed * self.soft_mask(computed, sparsity)).to(weight.dtype)
 
     def finalized(self, weight: Tensor, sparsity: float) -> Tensor:
         """What `finalize()` bakes in: kept weights as the network trained with them (w * m), others 0."""
-        return self.soft(weight, sparsity).where(self.keep_mask(weight, sparsity), 0.0)  # +0.0: no -0.0 bits
+        return self.soft(weight, sparsity).where(self.keep_mask(in_mask_dtype(weight), sparsity), 0.0)  # +0.0: no -0.0 bits
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", straight-through" if self.straight_through else "")
@@ -306,6 +325,7 @@ class UnstructuredMask(SoftMask):
     def selection(self, weight: Tensor) -> tuple[Tensor, Tensor] | float:
         """The largest pruned and the smallest kept squared weight at the current sparsity (0-dim each),
         or t^2 itself when nothing (-inf) or everything (+inf) is pruned."""
+        weight = in_mask_dtype(weight)
         pruned = self.pruned_of(weight)
         if pruned == 0:
             return -math.inf
@@ -416,7 +436,7 @@ class BoundSlice:
 
     def unit_norms(self, tensor: Tensor) -> Tensor:
         """(units,) the squared L2 norm of each unit's entries of `tensor`."""
-        entries = tensor.square().movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)  # (entries,)
+        entries = in_mask_dtype(tensor).square().movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)  # (entries,)
         return entries[self.positions].sum(dim=1)  # (units,)
 
 

@@ -26,7 +26,7 @@ from pdprune._version import __version__
 from pdprune.attach import attach, check_finite, qualified_name
 from pdprune.config import PruningConfig
 from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
-from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask, SoftMask, UnstructuredMask
+from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask, SoftMask, UnstructuredMask, in_mask_dtype
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
 from pdprune.schedule import Schedule, global_budgets, lamp_budgets, uniform_budgets
 
@@ -204,7 +204,7 @@ class PDPPruner:
                 pairs.append((mask, *selected))
         with torch.no_grad():
             if on_gpu:
-                largest_pruned, smallest_kept = batched_order_statistics([w.square() for _, w, _ in on_gpu], [p for _, _, p in on_gpu])
+                largest_pruned, smallest_kept = batched_order_statistics([in_mask_dtype(w).square() for _, w, _ in on_gpu], [p for _, _, p in on_gpu])
                 _write([mask.threshold_squared for mask, _, _ in on_gpu], midpoint(largest_pruned, smallest_kept).square())
             if pairs:
                 largest_pruned, smallest_kept = torch.stack([a for _, a, _ in pairs]), torch.stack([b for _, _, b in pairs])  # (T,) each
