@@ -14,6 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig, compact, is_nm_sparse
+from pdprune.attention import find_attention
 from pdprune.layers import layer_type_of
 from pdprune.masks import pruned_count
 from pdprune.model_io import call_model, tensor_leaves
@@ -48,6 +49,8 @@ ARCHITECTURES = {
         AutoConfig.for_model("vit", **{k: v for k, v in TEXT.items() if k != "vocab_size"}, image_size=32, patch_size=8, num_labels=3)), _image),
     "llama-gqa": (lambda: AutoModelForSequenceClassification.from_config(
         AutoConfig.for_model("llama", **TEXT, num_key_value_heads=2, pad_token_id=0)), _text),
+    "modernbert": (lambda: AutoModelForSequenceClassification.from_config(AutoConfig.for_model(  # fused Wqkv and Wo, capitalized
+        "modernbert", **TEXT, pad_token_id=0, max_position_embeddings=32, global_attn_every_n_layers=2, local_attention=8)), _text),
     "t5": (lambda: AutoModelForSeq2SeqLM.from_config(
         AutoConfig.for_model("t5", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100)), _seq2seq),
     "resnet": (lambda: AutoModelForImageClassification.from_config(
@@ -305,6 +308,14 @@ def test_a_registered_layer_with_other_tensors_stays_dense_under_channels_and_it
         pruner = PDPPruner(Classifier(), PruningConfig(sparsity=0.5, structure="channel", module_types=("Linear", "GRU")),
                            example_inputs=torch.randint(0, 30, (2, 7)))
     assert sorted(pruner.units) == ["hidden"] and "a GRU holds ['weight_ih_l0', 'weight_hh_l0']" in pruner.report().skipped["rnn.weight_ih_l0"]
+
+
+def test_projection_names_are_matched_without_case():
+    """ModernBERT's fused `Wqkv` and output `Wo`: its heads and their output projection, found in the module."""
+    build, batch = ARCHITECTURES["modernbert"]
+    specs = find_attention(build(), batch(labels=False))
+    assert [(spec.query, spec.output, spec.output_inside) for spec in specs] == [
+        (f"model.layers.{i}.attn.Wqkv", f"model.layers.{i}.attn.Wo", True) for i in range(2)]
 
 
 def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason():

@@ -29,8 +29,9 @@ __all__ = ["AttentionSpec", "find_attention", "update_head_counts"]
 QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "wq", "to_q")
 KEY_NAMES = ("key", "k_proj", "k", "k_lin", "wk", "to_k")
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin", "wv", "to_v")
-FUSED_NAMES = ("c_attn", "qkv", "Wqkv", "qkv_proj")
+FUSED_NAMES = ("c_attn", "qkv", "wqkv", "qkv_proj")
 OUTPUT_NAMES = ("o_proj", "o", "out_lin", "out_proj", "wo", "c_proj", "dense")
+"""Projections' names, compared with the children's without case (ModernBERT's `Wqkv` and `Wo`)."""
 HEADS_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KEY_VALUE_HEADS_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 HEAD_SIZE_ATTRIBUTES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "d_head")
@@ -175,19 +176,19 @@ def _consumers(model: nn.Module, example_inputs: ExampleInputs, attention: dict[
     (BERT's `output.dense`), found in one forward pass."""
     known = layer_types()
     names = {module: name for name, module in model.named_modules()}
-    produced: dict[int, str] = {}  # storage of an attention output -> attention module name
+    produced: dict[int, tuple[str, Tensor]] = {}  # storage of an attention output -> attention module name, the output
     found: dict[str, str] = {}
     handles = []
 
     def after_attention(module: nn.Module, args: Any, output: Any) -> None:
         leaves = tensor_leaves(output)
-        if leaves:
-            produced[_storage(leaves[0])] = names[module]
+        if leaves:  # the output is held until the pass ends: a freed storage's address could be reused
+            produced[_storage(leaves[0])] = names[module], leaves[0]
 
     def before_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
         leaves = tensor_leaves((args, kwargs))
         if leaves and _storage(leaves[0]) in produced:
-            found.setdefault(produced.pop(_storage(leaves[0])), names[module])
+            found.setdefault(produced.pop(_storage(leaves[0]))[0], names[module])
 
     for module in attention.values():
         handles.append(module.register_forward_hook(after_attention))
@@ -209,8 +210,9 @@ def find_attention(model: nn.Module, example_inputs: ExampleInputs | None = None
     known = layer_types()
 
     def projection(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | tuple[None, None]:
+        children = {name.lower(): (name, child) for name, child in module._modules.items()}
         for name in names:
-            child = module._modules.get(name)
+            name, child = children.get(name, (None, None))
             if child is not None and layer_type_of(child, known) is not None and isinstance(getattr(child, "weight", None), Tensor):
                 return name, child
         return None, None
