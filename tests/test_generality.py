@@ -148,6 +148,23 @@ def test_a_keyword_model_given_a_positional_tensor_is_told_to_pass_a_dict():
     _untouched(model, before)
 
 
+def test_a_model_given_other_keyword_inputs_than_it_reads_names_them():
+    """Whisper given text inputs: its forward reads input_features.shape of None (an AttributeError)."""
+    class ReadsFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, input_features=None, input_ids=None):
+            return self.down(torch.relu(self.up(input_features.reshape(input_features.shape[0], -1))))
+
+    model = ReadsFeatures()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"ReadsFeatures rejected example_inputs \{'input_ids': tensor\(4, 8\) int64.*AttributeError"):
+        PDPPruner(model, PruningConfig(structure="channel"), example_inputs={"input_ids": _text(False)["input_ids"]})
+    _untouched(model, before)
+
+
 def test_example_inputs_of_the_wrong_shape_name_the_model_and_the_shapes():
     model = ARCHITECTURES["vit"][0]()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -515,3 +515,35 @@ def test_a_checkpoint_holding_the_group_state_under_every_gated_tensor_loads_str
     assert fresh.state_dict()[owner[0]] == state[owner[0]] > 0
     example = torch.randn(2, 3, 8, 8)
     assert torch.equal(fresh.eval()(example), model.eval()(example))
+
+
+class _TiedLanguageModel(nn.Module):
+    """An output layer tied to an embedding whose padding row is zero, and a bias buffer on the logits
+    (Marian's final_logits_bias): the zero row is a class of the output, not a pruned channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=0)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("logits_bias", torch.randn(1, 20))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(ids)
+        return self.head(hidden + self.down(torch.relu(self.up(hidden)))) + self.logits_bias
+
+
+def test_compact_keeps_zero_channels_the_outputs_need_and_removes_the_pruned_ones():
+    torch.manual_seed(0)
+    model, ids = _TiedLanguageModel(), torch.randint(1, 20, (2, 6))
+    with pytest.warns(UserWarning, match="left dense"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=0)),
+                           example_inputs=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hard cut of an untrained soft mask
+        pruner.finalize()
+    with pytest.warns(UserWarning, match=r"compact\(\) keeps the zero channels or heads of \['head'\]"):
+        small = compact(model.eval(), ids)
+    assert small.up.out_features == 8 and small.head.out_features == 20
+    torch.testing.assert_close(small(ids), model(ids))

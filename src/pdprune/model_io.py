@@ -48,7 +48,7 @@ def call_model(model: nn.Module, example_inputs: ExampleInputs) -> Any:
             return model(**example_inputs)
         if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
             return model(*example_inputs)
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as error:
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as error:
         how = {True: "model(**example_inputs)", False: "model(*example_inputs)"}[isinstance(example_inputs, Mapping)] \
             if not isinstance(example_inputs, Tensor) else "model(example_inputs)"
         keyword_model = not isinstance(example_inputs, Mapping) and not isinstance(error, RuntimeError)  # RuntimeError: shapes

@@ -17,7 +17,8 @@ import copy
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -482,7 +483,8 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     A channel (head) goes when every coupled tensor (weights, biases, norm parameters; a head's query,
     key, value and output slices) is exactly zero there, so the outputs do not change; this is checked
     on `example_inputs` (a tensor, a tuple, or a dict of keyword tensors) before returning. Attention
-    modules get their head counts updated.
+    modules get their head counts updated. Zero channels that the outputs still need (an embedding's
+    padding row, which a tied output layer turns into a class) stay, with a warning naming their group.
 
     Raises:
         ValueError: the model still has PDP's masks attached (finalize() first).
@@ -491,11 +493,31 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     """
     refuse_parametrized(model, "compact()")
     _check_inputs(model, example_inputs)
-    compacted = _copy(model)
+    with evaluating(model), torch.no_grad():
+        expected = call_model(model, example_inputs)
+    compacted, removable = _without_zero_units(model, example_inputs, lambda name: True)
+    if _computes(compacted, example_inputs, expected):
+        return compacted
+    exact = [name for name in removable if _computes(_without_zero_units(model, example_inputs, name.__eq__)[0], example_inputs, expected)]
+    compacted, _ = _without_zero_units(model, example_inputs, set(exact).__contains__)
+    if not _computes(compacted, example_inputs, expected):
+        raise RuntimeError("compaction changed the model's outputs; the original model is unchanged. Please report this model")
+    kept = [_display(name) for name in removable if name not in exact]
+    warnings.warn(f"compact() keeps the zero channels or heads of {kept[:4]}{' and more' if len(kept) > 4 else ''}: "
+                  "removing them changes the outputs (e.g. a zero row of a tied embedding is still a class of the output)", stacklevel=2)
+    return compacted
+
+
+def _without_zero_units(model: nn.Module, example_inputs: ExampleInputs, wanted: Callable[[str], bool]) -> tuple[nn.Module, list[str]]:
+    """A copy of `model` without the all-zero heads and channels of the groups `wanted` accepts (by name:
+    "<attention module> heads", or a channel group's root layer), and the names of every group that has some."""
+    compacted, removable = _copy(model), []
     for spec in find_attention(compacted, example_inputs):
         dead = spec.dead_units(compacted)
         if dead and len(dead) < spec.kv_heads:
-            spec.remove_units(compacted, dead)
+            removable.append(f"{spec.module} heads")
+            if wanted(removable[-1]):
+                spec.remove_units(compacted, dead)
     attention = find_attention(compacted, example_inputs)
     graph = _dependency_graph(compacted, example_inputs, attention)
     removals = []
@@ -505,14 +527,21 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
         units = range(len(group.members[group.root_name]))
         dead = [u for u in units if all(_channels_are_zero(compacted.get_submodule(n), positions[u]) for n, positions in group.members.items())]
         if dead and len(dead) < len(units):
-            removals.append((group.root, group.handler, group.root_channels(dead)))
+            removable.append(group.root_name)
+            if wanted(group.root_name):
+                removals.append((group.root, group.handler, group.root_channels(dead)))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
-    with evaluating(model, compacted), torch.no_grad():
-        same = same_outputs(call_model(model, example_inputs), call_model(compacted, example_inputs))
-    if not same:
-        raise RuntimeError("compaction changed the model's outputs; the original model is unchanged. Please report this model")
-    return compacted
+    return compacted, removable
+
+
+def _computes(model: nn.Module, example_inputs: ExampleInputs, expected: Any) -> bool:
+    """Whether `model` runs on `example_inputs` and gives `expected`."""
+    try:
+        with evaluating(model), torch.no_grad():
+            return same_outputs(call_model(model, example_inputs), expected)
+    except TypeError:  # call_model's: the model broke on the inputs it took before
+        return False
 
 
 def _channels_are_zero(module: nn.Module, channels: list[int]) -> bool:
