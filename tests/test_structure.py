@@ -342,8 +342,13 @@ def test_loading_into_a_model_of_other_sizes_names_the_mismatched_tensors(tmp_pa
     PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example).finalize()
     save_compacted(tmp_path / "small.pt", compact(model, example), example)
     other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
-    with pytest.raises(ValueError, match=r"does not fit this architecture: size mismatch for 2\.weight: copying a param with shape torch\.Size\(\[4, 8\]\)"):
+    before = {key: value.clone() for key, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit this architecture: 2\.bias: \(4,\) saved, \(5,\) here; 2\.weight: \(4, 8\) saved, \(5, 8\) here"):
         load_compacted(tmp_path / "small.pt", other)
+    assert other[0].out_features == 16 and other[2].in_features == 16, "the model is left as it was"
+    assert all(torch.equal(value, before[key]) for key, value in other.state_dict().items()) and list(other.state_dict()) == list(before)
+    with pytest.raises(ValueError, match=r"does not fit this architecture: missing \['3\.bias', '3\.weight'\]"):
+        load_compacted(tmp_path / "small.pt", nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"does not fit this architecture: Sequential rejected example_inputs tensor\(2, 8\)"):
         load_compacted(tmp_path / "small.pt", nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 4)))
 
@@ -547,3 +552,40 @@ def test_compact_keeps_zero_channels_the_outputs_need_and_removes_the_pruned_one
         small = compact(model.eval(), ids)
     assert small.up.out_features == 8 and small.head.out_features == 20
     torch.testing.assert_close(small(ids), model(ids))
+
+
+class _CountsMarkers(nn.Module):
+    """A model whose inputs' values decide whether it runs: as many marker tokens as feature rows (a
+    multimodal model's image tokens)."""
+
+    MARKER = 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.project = nn.Embedding(10, 8), nn.Linear(4, 8)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(ids)
+        markers = ids == self.MARKER
+        if int(markers.sum()) != features.shape[0]:
+            raise ValueError(f"{int(markers.sum())} marker tokens for {features.shape[0]} feature rows")
+        hidden = hidden.masked_scatter(markers.unsqueeze(-1), self.project(features))
+        return self.down(torch.relu(self.up(hidden))).mean(dim=1)
+
+
+def test_a_model_whose_inputs_values_decide_whether_it_runs_reloads(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 7, 7, 2], [3, 7, 4, 5]])
+    example = (ids, torch.randn(3, 4))
+    model = _CountsMarkers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example).finalize()
+    small = compact(model.eval(), example)
+    save_compacted(tmp_path / "small.pt", small, example)
+    reloaded = load_compacted(tmp_path / "small.pt", _CountsMarkers()).eval()
+    assert reloaded.up.out_features == small.up.out_features == 8
+    torch.testing.assert_close(reloaded(*example), model(*example))
+    again = load_compacted(tmp_path / "small.pt", _CountsMarkers(), example_inputs=(torch.tensor([[7, 1]]), torch.randn(1, 4))).eval()
+    torch.testing.assert_close(again(*example), model(*example))

@@ -101,11 +101,21 @@ def same_outputs(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool
     return True
 
 
+KEPT_VALUES = 1 << 16
+"""Integer and boolean inputs up to this many elements are described with their values: token ids and
+masks decide what a model computes (a multimodal model counts its image tokens); floats are described
+by their shape only."""
+
+
 def describe_inputs(example_inputs: ExampleInputs) -> dict[str, Any]:
-    """Shapes and dtypes (and keys) of example inputs, weights-only-safe, for `inputs_from_description`."""
+    """Shapes and dtypes (and keys) of example inputs, and the values of small integer ones, weights-only-safe,
+    for `inputs_from_description`."""
 
     def entry(tensor: Tensor) -> dict[str, Any]:
-        return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        described = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        if not tensor.is_floating_point() and not tensor.is_complex() and tensor.numel() <= KEPT_VALUES:
+            described["values"] = tensor.detach().cpu().clone()
+        return described
 
     if isinstance(example_inputs, Tensor):
         return {"kind": "tensor", "inputs": [entry(example_inputs)]}
@@ -115,10 +125,12 @@ def describe_inputs(example_inputs: ExampleInputs) -> dict[str, Any]:
 
 
 def inputs_from_description(description: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> ExampleInputs:
-    """Zero inputs of the described shapes (token ids: zeros are valid ids), in the described structure."""
+    """The described inputs: the values kept, zeros of the described shapes for the others, in the described
+    structure."""
     if not isinstance(description, Mapping):  # pdprune 0.x files: a list of positional inputs
         description = {"kind": "positional", "inputs": list(description)}
-    tensors = [torch.zeros(item["shape"], dtype=getattr(torch, item["dtype"])) for item in description["inputs"]]
+    tensors = [item["values"] if "values" in item else torch.zeros(item["shape"], dtype=getattr(torch, item["dtype"]))
+               for item in description["inputs"]]
     if description["kind"] == "tensor":
         return tensors[0]
     if description["kind"] == "keywords":

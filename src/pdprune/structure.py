@@ -576,30 +576,49 @@ def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -
 def save_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs, **metadata: Any) -> None:
     """Save a compacted model so that `load_compacted` rebuilds it from the original architecture.
 
-    The file holds the weights and the example inputs' shapes, all weights-only-safe; no pickled classes.
+    The file holds the weights and the example inputs (their shapes; the values of token ids and masks),
+    all weights-only-safe; no pickled classes.
     """
     refuse_parametrized(model, "save_compacted()")
     save_checkpoint(path, {"format": COMPACTED_FORMAT, "state_dict": model.state_dict(), "example_inputs": describe_inputs(example_inputs), **metadata})
 
 
-def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def load_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs | None = None) -> nn.Module:
     """Shrink a fresh instance of the *original* architecture to the saved shapes, then load the weights.
 
     Every attention module loses as many heads, and every coupled group as many channels, as it lost
-    when saved; which ones does not matter, since all values are then overwritten.
+    when saved; which ones does not matter, since all values are then overwritten. The model is traced
+    on inputs like those it was compacted with (their shapes, and the values of token ids and masks);
+    pass `example_inputs` where the model needs other values to run.
 
     Raises:
-        ValueError: the file is not a compacted model, or does not fit this architecture.
+        ValueError: the file is not a compacted model, or does not fit this architecture (the model is
+            then left as it was).
     """
     state = load_checkpoint(path)
     if state.get("format") not in (COMPACTED_FORMAT, "pdprune.compacted/1"):
         raise ValueError(f"{str(path)!r} is not a compacted pdprune model (format {state.get('format')!r}); use torch.load for plain files")
+    refuse_parametrized(model, "load_compacted() (into a fresh instance of the architecture)")
     saved = state["state_dict"]
-    example_inputs = inputs_from_description(state["example_inputs"])
+    if example_inputs is None:
+        example_inputs = inputs_from_description(state["example_inputs"])
     try:
         _check_inputs(model, example_inputs)
     except TypeError as error:  # another architecture than the one compacted: it takes other inputs
-        raise ValueError(f"{str(path)!r} does not fit this architecture: {error}. Pass a fresh instance of the model that was compacted") from error
+        raise ValueError(f"{str(path)!r} does not fit this architecture: {error}. Pass a fresh instance of the model that was "
+                         "compacted (and example_inputs=... if it needs other values than those it was compacted with)") from error
+    with _restored_on_error(model):
+        _shrink_to(model, saved, example_inputs)
+        mismatches = _mismatches(model.state_dict(), saved)
+        if mismatches:
+            raise ValueError(f"{str(path)!r} does not fit this architecture: {'; '.join(mismatches[:6])}. "
+                             "Pass a fresh instance of the model that was compacted (the model passed is left as it was)")
+        model.load_state_dict(saved)
+    return model
+
+
+def _shrink_to(model: nn.Module, saved: dict[str, torch.Tensor], example_inputs: ExampleInputs) -> None:
+    """Remove from `model` as many heads and channels of each group as the saved state lacks."""
     for spec in find_attention(model, example_inputs):
         removed = spec.units_removed_in(model, saved)
         if removed:
@@ -617,12 +636,30 @@ def load_compacted(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             removals.append((group.root, group.handler, group.root_channels(range(missing // len(units[0])))))
     for root, handler, channels in removals:
         graph.get_pruning_group(root, handler, idxs=channels).prune()
+
+
+def _mismatches(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `saved` from loading into a model whose state is `current` (checked before any value is copied)."""
+    missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    shapes = [f"{key}: {tuple(saved[key].shape)} saved, {tuple(current[key].shape)} here"
+              for key in current.keys() & saved.keys() if saved[key].shape != current[key].shape]
+    return ([f"missing {missing[:4]}"] if missing else []) + ([f"unexpected {unexpected[:4]}"] if unexpected else []) + sorted(shapes)
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Undo what the block did to the modules of `model` (tensors replaced, attributes such as head counts
+    set, children swapped) if it raises. Values written into tensors in place are not undone."""
+    saved = {module: (dict(vars(module)), dict(module._parameters), dict(module._buffers), dict(module._modules)) for module in model.modules()}
     try:
-        model.load_state_dict(saved)
-    except RuntimeError as error:
-        mismatches = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
-        raise ValueError(f"{str(path)!r} does not fit this architecture: {mismatches or error}. "
-                         "Pass a fresh instance of the model that was compacted") from error
-    return model
+        yield
+    except BaseException:
+        for module, (attributes, parameters, buffers, children) in saved.items():
+            vars(module).clear()
+            vars(module).update(attributes)
+            for current, before in ((module._parameters, parameters), (module._buffers, buffers), (module._modules, children)):
+                current.clear()
+                current.update(before)
+        raise
 
 
