@@ -286,7 +286,7 @@ class _ProjectedAttention(torch.nn.Module):
 def test_channels_feeding_pytorch_s_attention_stay_dense_and_the_rest_compacts():
     torch.manual_seed(0)
     model, x = _ProjectedAttention(), torch.randn(2, 5, 12)
-    with pytest.warns(UserWarning, match=r"'project': 'a coupled layer is not a prunable layer or BatchNorm"):
+    with pytest.warns(UserWarning, match=r"'project': \"the coupled layer 'attention' \(MultiheadAttention\) is not one whose channels pdprune removes"):
         pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)),
                            example_inputs=x)
     assert sorted(pruner.units) == ["hidden"] and "layer_structures=" in pruner.report().skipped["attention.in_proj_weight"]
@@ -335,12 +335,27 @@ def test_projection_names_are_matched_without_case():
         (f"model.layers.{i}.attn.Wqkv", f"model.layers.{i}.attn.Wo", True) for i in range(2)]
 
 
-def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason():
-    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-    model = torch.nn.Sequential(layer)
+class _OddAttention(torch.nn.Module):
+    """Heads behind names pdprune does not know (`mix` for the fused projections, `out`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.mix, self.out = 2, torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in self.mix(x).chunk(3, dim=-1))
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("attention, include, message", [
+    (lambda: torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "0.self_attn.*", r"0\.self_attn heads: nn.MultiheadAttention packs"),
+    (_OddAttention, "0.*", r"0 heads: _OddAttention looks like attention but pdprune cannot tell where its heads lie"),
+])
+def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason(attention, include, message):
+    model = torch.nn.Sequential(attention())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"nothing left to prune: .*MultiheadAttention looks like attention but pdprune cannot tell where its heads lie"):
-        PDPPruner(model, PruningConfig(structure="channel", include=("0.self_attn.*",)), example_inputs=torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"nothing left to prune: .*" + message):
+        PDPPruner(model, PruningConfig(structure="channel", include=(include,)), example_inputs=torch.randn(2, 5, 16))
     _untouched(model, before)
 
 

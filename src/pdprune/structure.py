@@ -215,8 +215,11 @@ def _group_of(root: nn.Module, names: dict[nn.Module, str], handler, group, unit
             continue
         if not any(True for _ in module.parameters(recurse=False)):
             continue
-        if not isinstance(module, producers + NORM_TYPES) or module in outputs:
-            reason = reason or "a coupled layer is not a prunable layer or BatchNorm (e.g. an embedding, a LayerNorm), or is a model output"
+        if module in outputs:
+            reason = reason or f"the coupled layer {names[module]!r} ({type(module).__name__}) is an output of the model"
+        elif not isinstance(module, producers + NORM_TYPES):
+            reason = reason or (f"the coupled layer {names[module]!r} ({type(module).__name__}) is not one whose channels pdprune "
+                                "removes (those of prunable layers and BatchNorm; not an embedding's or a LayerNorm's)")
         pairs.setdefault(names[module], []).extend((int(r), int(i)) for r, i in zip(item.root_idxs, item.idxs) if r is not None)
     unit_of = {channel: position for position, unit in enumerate(units) for channel in unit}
     members = {}
@@ -415,9 +418,14 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     grouped = set()  # selected layers some head or channel group (pruned or left dense) accounts for
     for name, projections in _unrecognized_attention(model, attention, selected).items():
         grouped |= set(projections)
+        if isinstance(model.get_submodule(name), nn.MultiheadAttention):
+            skipped[f"{name} heads"] = (f"nn.MultiheadAttention packs its heads into in_proj_weight, whose heads pdprune does not remove, "
+                                        f"so {projections[:4]} stay dense too. Prune it with an unstructured or N:M structure (layer_structures)")
+            continue
         skipped[f"{name} heads"] = (
             f"{type(model.get_submodule(name)).__name__} looks like attention but pdprune cannot tell where its heads lie "
-            f"(query, key and value projections and a head count or head size); its projections {projections[:4]} stay dense. "
+            "(it needs query, key and value projections, a head count or head size, and an output projection reached on "
+            f"example_inputs); its projections {projections[:4]} stay dense. "
             "Exclude them, or prune them with an unstructured or N:M structure (layer_structures)"
         )
     for spec in attention:
@@ -458,7 +466,8 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
             if _removal_is_exact(model, [candidate], example_inputs):
                 safe.append(candidate)
             elif candidate.kind == "head":
-                skipped[candidate.name] = "removing these heads changes the model's outputs (e.g. a position bias shared with other layers)"
+                skipped[candidate.name] = ("removing these heads changes the model's outputs (e.g. a norm or a position bias spanning all "
+                                           "heads, or projections not laid out head after head)")
             else:
                 skipped[candidate.name] = ("Torch-Pruning cannot remove these channels exactly: removing them changes the outputs of the model "
                                            "(e.g. a zero-padded shortcut, or channels that are themselves an output, such as those of a classifier)")
