@@ -589,3 +589,19 @@ def test_a_model_whose_inputs_values_decide_whether_it_runs_reloads(tmp_path):
     torch.testing.assert_close(reloaded(*example), model(*example))
     again = load_compacted(tmp_path / "small.pt", _CountsMarkers(), example_inputs=(torch.tensor([[7, 1]]), torch.randn(1, 4))).eval()
     torch.testing.assert_close(again(*example), model(*example))
+
+
+class _SummedIntoLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.norm, self.head = nn.Linear(8, 16), nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.left(x) + self.right(x)))
+
+
+def test_a_group_left_dense_names_all_its_layers_and_the_one_that_keeps_it():
+    with pytest.warns(UserWarning, match="channel groups left dense"), pytest.raises(ValueError, match="nothing left to prune") as caught:
+        PDPPruner(_SummedIntoLayerNorm(), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+    assert "the coupled layer 'norm' (LayerNorm) is not one whose channels pdprune removes" in str(caught.value)
+    assert "(the group's other layers: ['right'])" in str(caught.value)

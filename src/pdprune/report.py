@@ -46,7 +46,8 @@ class GroupSparsity:
 class SparsityReport:
     """Per-tensor sparsity of a model, totals over the listed tensors, and channel groups if any.
 
-    `skipped` names the layers left dense although selected, and why.
+    `skipped` names the layers left dense, and why: those selected but not prunable, and those of a known
+    layer type outside `module_types`.
     """
 
     layers: tuple[LayerSparsity, ...]

@@ -455,7 +455,8 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
         grouped |= set(producers)
         name = producers[0]
         if group.reason:
-            skipped[name] = group.reason
+            skipped[name] = group.reason + (f" (the group's other layers: {list(producers[1:5])}{' ...' if len(producers) > 5 else ''})"
+                                            if len(producers) > 1 else "")
         elif not set(producers) <= selected:
             skipped[name] = f"coupled with layers not selected for channel pruning: {sorted(set(producers) - selected)[:4]}"
         else:
