@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig, compact, is_nm_sparse
-from pdprune.attention import find_attention
+from pdprune.attention import FUSED_NAMES, KEY_NAMES, OUTPUT_NAMES, QUERY_NAMES, VALUE_NAMES, find_attention
 from pdprune.layers import layer_type_of
 from pdprune.masks import pruned_count
 from pdprune.model_io import call_model, tensor_leaves
@@ -333,6 +333,11 @@ def test_projection_names_are_matched_without_case():
     specs = find_attention(build(), batch(labels=False))
     assert [(spec.query, spec.output, spec.output_inside) for spec in specs] == [
         (f"model.layers.{i}.attn.Wqkv", f"model.layers.{i}.attn.Wo", True) for i in range(2)]
+    assert all(name == name.lower() for names in (QUERY_NAMES, KEY_NAMES, VALUE_NAMES, FUSED_NAMES, OUTPUT_NAMES) for name in names)
+
+    odd = _OddAttention()  # a child named "O" that is no layer does not hide "o"
+    odd.q, odd.k, odd.v, odd.o, odd.O = *(torch.nn.Linear(16, 16) for _ in range(4)), torch.nn.Identity()
+    assert [(spec.output, spec.output_inside) for spec in find_attention(odd)] == [("o", True)]
 
 
 class _OddAttention(torch.nn.Module):
@@ -348,7 +353,7 @@ class _OddAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("attention, include, message", [
-    (lambda: torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "0.self_attn.*", r"0\.self_attn heads: nn.MultiheadAttention packs"),
+    (lambda: torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "0.self_attn.*", r"0\.self_attn heads: nn.MultiheadAttention keeps its heads in in_proj_weight"),
     (_OddAttention, "0.*", r"0 heads: _OddAttention looks like attention but pdprune cannot tell where its heads lie"),
 ])
 def test_heads_asked_of_attention_pdprune_cannot_read_are_refused_with_the_reason(attention, include, message):

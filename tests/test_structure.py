@@ -605,3 +605,50 @@ def test_a_group_left_dense_names_all_its_layers_and_the_one_that_keeps_it():
         PDPPruner(_SummedIntoLayerNorm(), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
     assert "the coupled layer 'norm' (LayerNorm) is not one whose channels pdprune removes" in str(caught.value)
     assert "(the group's other layers: ['right'])" in str(caught.value)
+
+
+def test_compact_refuses_a_model_whose_outputs_vary_from_call_to_call():
+    class Sampling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.relu(self.up(x))) + torch.rand(2)
+
+    with pytest.raises(ValueError, match="Sampling gives other outputs at every call on the same example_inputs"):
+        compact(Sampling(), torch.randn(3, 4))
+
+
+def test_save_compacted_names_example_inputs_it_cannot_store_and_old_files_say_what_they_lack(tmp_path):
+    model, ids = _CountsMarkers(), torch.tensor([[1, 7, 2]])
+    example = (ids, torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"save_compacted\(\) stores example_inputs that are a tensor.*holds a bool"):
+        save_compacted(tmp_path / "small.pt", model, {"ids": ids, "features": example[1], "use_cache": False})
+    save_compacted(tmp_path / "small.pt", model, example)
+    state = torch.load(tmp_path / "small.pt", weights_only=True)
+    for item in state["example_inputs"]["inputs"]:
+        item.pop("values", None)  # as files of earlier versions
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"example_inputs=\.\.\. if it needs input values to run: this file, written by an earlier pdprune"):
+        load_compacted(tmp_path / "old.pt", _CountsMarkers())
+    assert isinstance(load_compacted(tmp_path / "old.pt", _CountsMarkers(), example_inputs=example), _CountsMarkers)
+
+
+def test_a_failed_load_compacted_leaves_no_hook_behind(tmp_path):
+    """Torch-Pruning traces with forward hooks; a trace that fails on the wrong model must not leave them."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    example = torch.randn(2, 8)
+    PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=example).finalize()
+    save_compacted(tmp_path / "small.pt", compact(model, example), example)
+
+    class BreaksWhenTraced(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if any(module._forward_hooks for module in self.modules()):
+                raise RuntimeError("traced")
+            return super().forward(x)
+
+    other = BreaksWhenTraced(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="does not fit this architecture"):
+        load_compacted(tmp_path / "small.pt", other)
+    assert not any(module._forward_hooks for module in other.modules()) and other[0].out_features == 16

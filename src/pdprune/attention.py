@@ -31,7 +31,8 @@ KEY_NAMES = ("key", "k_proj", "k", "k_lin", "wk", "to_k")
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin", "wv", "to_v")
 FUSED_NAMES = ("c_attn", "qkv", "wqkv", "qkv_proj")
 OUTPUT_NAMES = ("o_proj", "o", "out_lin", "out_proj", "wo", "c_proj", "dense")
-"""Projections' names, compared with the children's without case (ModernBERT's `Wqkv` and `Wo`)."""
+"""The projections' names above, in lower case: children's names are compared without case (ModernBERT's
+`Wqkv` and `Wo`)."""
 HEADS_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KEY_VALUE_HEADS_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 HEAD_SIZE_ATTRIBUTES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "d_head")
@@ -210,11 +211,11 @@ def find_attention(model: nn.Module, example_inputs: ExampleInputs | None = None
     known = layer_types()
 
     def projection(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | tuple[None, None]:
-        children = {name.lower(): (name, child) for name, child in module._modules.items()}
-        for name in names:
-            name, child = children.get(name, (None, None))
-            if child is not None and layer_type_of(child, known) is not None and isinstance(getattr(child, "weight", None), Tensor):
-                return name, child
+        for wanted in names:
+            for name, child in module._modules.items():
+                if (name.lower() == wanted and child is not None and layer_type_of(child, known) is not None
+                        and isinstance(getattr(child, "weight", None), Tensor)):
+                    return name, child
         return None, None
 
     candidates: dict[str, tuple[nn.Module, dict[str, Any]]] = {}

@@ -14,7 +14,7 @@ from torch.utils import _pytree
 
 __all__ = [
     "ExampleInputs", "call_model", "evaluating", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description",
-    "refuse_parametrized",
+    "has_input_values", "refuse_parametrized",
 ]
 
 ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
@@ -112,6 +112,10 @@ def describe_inputs(example_inputs: ExampleInputs) -> dict[str, Any]:
     for `inputs_from_description`."""
 
     def entry(tensor: Tensor) -> dict[str, Any]:
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"save_compacted() stores example_inputs that are a tensor, a tuple of tensors or a dict of tensors; "
+                             f"{describe(example_inputs)} holds a {type(tensor).__name__}: pass the tensors only (the model's "
+                             "defaults then apply to the rest)")
         described = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
         if not tensor.is_floating_point() and not tensor.is_complex() and tensor.numel() <= KEPT_VALUES:
             described["values"] = tensor.detach().cpu().clone()
@@ -122,6 +126,12 @@ def describe_inputs(example_inputs: ExampleInputs) -> dict[str, Any]:
     if isinstance(example_inputs, Mapping):
         return {"kind": "keywords", "keys": list(example_inputs), "inputs": [entry(value) for value in example_inputs.values()]}
     return {"kind": "positional", "inputs": [entry(value) for value in example_inputs]}
+
+
+def has_input_values(description: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a description keeps the values of some input (files of earlier versions keep shapes only)."""
+    items = description["inputs"] if isinstance(description, Mapping) else description
+    return any("values" in item for item in items)
 
 
 def inputs_from_description(description: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> ExampleInputs:
@@ -138,7 +148,7 @@ def inputs_from_description(description: Mapping[str, Any] | Sequence[Mapping[st
     return tuple(tensors)
 
 
-def refuse_parametrized(model: nn.Module, action: str) -> None:
+def refuse_parametrized(model: nn.Module, action: str, remedy: str = "call pruner.finalize() first") -> None:
     """Raise ValueError if the model still carries PDP's masks (before finalize()); the model's own
     parametrizations (weight_norm, ...) are its business."""
     from torch.nn.utils import parametrize
@@ -150,5 +160,5 @@ def refuse_parametrized(model: nn.Module, action: str) -> None:
     if attached:
         raise ValueError(
             f"{action} needs a plain model, but {attached[:3]} still carry parametrizations (PDP's masks): "
-            "call pruner.finalize() first"
+            f"{remedy}"
         )

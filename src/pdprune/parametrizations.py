@@ -52,10 +52,15 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the masks of weights of `dtype` compute in: float32 for float16, whose range holds neither
+    a sharp mask's 1/tau (above 65504) nor the squares of small weights (below 6e-5 they lose precision)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def in_mask_dtype(tensor: Tensor) -> Tensor:
-    """`tensor` in the dtype its mask computes in: float32 for float16, whose range holds neither a sharp
-    mask's 1/tau (above 65504) nor the squares of small weights (below 6e-5 they lose their precision)."""
-    return tensor.float() if tensor.dtype == torch.float16 else tensor
+    """`tensor` in its masks' dtype (`mask_dtype`)."""
+    return tensor.to(mask_dtype(tensor.dtype))
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class MaskState(nn.Module):
 
     Args:
         threshold_shape: the shape of t^2: () for one threshold, one per group otherwise.
-        like: a tensor of the dtype and device the masks compute in (the weight).
+        like: the weight: the masks compute on its device, in `mask_dtype` of its dtype.
         soft_gradient: the backward uses the mask's slope at `gradient_temperature` (see `set_temperature`).
     """
 
@@ -84,7 +89,7 @@ class MaskState(nn.Module):
     def __init__(self, threshold_shape: tuple[int, ...], like: Tensor, temperature: float, relative_temperature: bool, soft_gradient: bool = False) -> None:
         super().__init__()
 
-        dtype = torch.float32 if like.dtype == torch.float16 else like.dtype  # see in_mask_dtype
+        dtype = mask_dtype(like.dtype)
 
         def scalar(value: float, wanted: bool = True) -> Tensor | None:
             return torch.tensor(value, dtype=dtype, device=like.device) if wanted else None
@@ -174,11 +179,13 @@ class MaskState(nn.Module):
             self.threshold_squared, self.gradient_temperature_value, self.relative_temperature, compiled)
 
     def _apply(self, fn: Any, recurse: bool = True) -> MaskState:
-        """model.half() keeps the masks' buffers in float32 (see `in_mask_dtype`)."""
+        """model.half() (or .to(float16), twice or more) moves the masks' buffers but keeps their values and
+        dtypes: a buffer cast to float16 is restored from its value before, on the new device."""
+        before = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
-            if buffer is not None and buffer.dtype == torch.float16:
-                self._buffers[name] = buffer.float()
+            if buffer is not None and buffer.dtype == torch.float16 and before[name].dtype != torch.float16:
+                self._buffers[name] = before[name].to(buffer.device)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -233,9 +240,8 @@ class SoftMask(MaskState):
             self.compiled_forward = True
         elif self.is_stale(weight):
             self.refresh(weight)  # eager: a weight changed outside an optimizer's step is caught here
-        if weight.dtype == torch.float16:  # see in_mask_dtype
-            return self._masked(weight.float()).half()
-        return self._masked(weight)
+        computed = in_mask_dtype(weight)  # a float16 weight's mask keeps float32 copies for the backward
+        return self._masked(computed) if computed is weight else self._masked(computed).to(weight.dtype)
 
     def pruned_of(self, weight: Tensor) -> int:
         """How many weights of `weight` (of each group, for N:M) the current sparsity prunes."""
@@ -286,7 +292,9 @@ class SoftMask(MaskState):
 
     def finalized(self, weight: Tensor, sparsity: float) -> Tensor:
         """What `finalize()` bakes in: kept weights as the network trained with them (w * m), others 0."""
-        return self.soft(weight, sparsity).where(self.keep_mask(in_mask_dtype(weight), sparsity), 0.0)  # +0.0: no -0.0 bits
+        computed = in_mask_dtype(weight)
+        kept = (computed * self.soft_mask(computed, sparsity)).where(self.keep_mask(computed, sparsity), 0.0)  # +0.0: no -0.0 bits
+        return kept.to(weight.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", straight-through" if self.straight_through else "")

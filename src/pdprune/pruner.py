@@ -258,7 +258,7 @@ class PDPPruner:
             budgets |= uniform_budgets({name: w.numel() for name, w in free.items()}, self.config.sparsity)
         else:
             allocate = global_budgets if self.config.allocation == "global" else lamp_budgets
-            budgets |= allocate({name: w.detach().square() for name, w in free.items()}, self.config.sparsity)
+            budgets |= allocate({name: in_mask_dtype(w.detach()).square() for name, w in free.items()}, self.config.sparsity)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             shared = [budgets]  # computed once, on rank 0, so that every rank prunes the same weights
             torch.distributed.broadcast_object_list(shared, src=0)
@@ -359,6 +359,7 @@ class PDPPruner:
                     budget = self.budgets[unit_names[id(mask.group if isinstance(mask, ChannelMask) else mask)]]
                     value, soft = mask.finalized(value, budget), mask.soft(soft, budget)
                 baked[name] = value
+                soft, value = in_mask_dtype(soft), in_mask_dtype(value)  # float16 squares flush to 0 or overflow
                 used = float(soft.square().sum())
                 self.hard_cut[name] = float((soft - value).square().sum()) / used if used > 0 else 0.0
         worst = max(self.hard_cut, key=self.hard_cut.get, default=None)

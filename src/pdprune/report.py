@@ -46,8 +46,8 @@ class GroupSparsity:
 class SparsityReport:
     """Per-tensor sparsity of a model, totals over the listed tensors, and channel groups if any.
 
-    `skipped` names the layers left dense, and why: those selected but not prunable, and those of a known
-    layer type outside `module_types`.
+    `skipped` names what was left dense and why (layers and channel or head groups that cannot be pruned
+    as asked, layers of a known type outside `module_types`, ...).
     """
 
     layers: tuple[LayerSparsity, ...]

@@ -32,7 +32,7 @@ from pdprune.layer_surgery import layout_pruner, torch_pruning
 from pdprune.layers import layer_type_of, layer_types
 from pdprune.units import Slice, UnitSpec
 from pdprune.model_io import (
-    ExampleInputs, call_model, describe_inputs, evaluating, inputs_from_description, refuse_parametrized, same_outputs,
+    ExampleInputs, call_model, describe_inputs, evaluating, has_input_values, inputs_from_description, refuse_parametrized, same_outputs,
     tensor_leaves,
 )
 
@@ -102,15 +102,19 @@ def _dependency_graph(model: nn.Module, example_inputs: ExampleInputs, attention
         for layer_type in known.values()
         if not issubclass(layer_type.module_type, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)) and layer_type.channels_in_weight
     }
+    hooks = {module: set(module._forward_hooks) for module in model.modules()}
     with evaluating(model), _time_bound("tracing the model"), _without_cache(model):  # tracing runs a forward pass
         try:
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, output_transform=lambda outputs: _graph_outputs(outputs),
                 customized_pruners=customized, verbose=False,
             )
-        except TimeoutError:
-            raise
-        except Exception as error:  # noqa: BLE001 - Torch-Pruning's index mappings fail on some operations (inputs are checked before)
+        except BaseException as error:  # Torch-Pruning's index mappings fail on some operations (inputs are checked before)
+            for module, before in hooks.items():  # its tracing hooks stay on the modules when the forward pass fails
+                for key in set(module._forward_hooks) - before:
+                    del module._forward_hooks[key]
+            if isinstance(error, (TimeoutError, KeyboardInterrupt)) or not isinstance(error, Exception):
+                raise
             failure = error
     raise ValueError(
         f"Torch-Pruning could not follow this model's channels ({type(failure).__name__}: {failure}), so no channel or head "
@@ -418,8 +422,10 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
     grouped = set()  # selected layers some head or channel group (pruned or left dense) accounts for
     for name, projections in _unrecognized_attention(model, attention, selected).items():
         grouped |= set(projections)
-        if isinstance(model.get_submodule(name), nn.MultiheadAttention):
-            skipped[f"{name} heads"] = (f"nn.MultiheadAttention packs its heads into in_proj_weight, whose heads pdprune does not remove, "
+        module = model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):
+            packed = "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight, k_proj_weight and v_proj_weight"
+            skipped[f"{name} heads"] = (f"nn.MultiheadAttention keeps its heads in {packed}, whose heads pdprune does not remove, "
                                         f"so {projections[:4]} stay dense too. Prune it with an unstructured or N:M structure (layer_structures)")
             continue
         skipped[f"{name} heads"] = (
@@ -497,7 +503,8 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     padding row, which a tied output layer turns into a class) stay, with a warning naming their group.
 
     Raises:
-        ValueError: the model still has PDP's masks attached (finalize() first).
+        ValueError: the model still has PDP's masks attached (finalize() first), or its outputs vary
+            from call to call.
         RuntimeError: the compacted copy computes something else (the input model is left untouched).
         TypeError: the model rejects `example_inputs`.
     """
@@ -505,17 +512,34 @@ def compact(model: nn.Module, example_inputs: ExampleInputs) -> nn.Module:
     _check_inputs(model, example_inputs)
     with evaluating(model), torch.no_grad():
         expected = call_model(model, example_inputs)
-    compacted, removable = _without_zero_units(model, example_inputs, lambda name: True)
+        if not same_outputs(call_model(model, example_inputs), expected):
+            raise ValueError(f"{type(model).__name__} gives other outputs at every call on the same example_inputs (it samples in "
+                             "eval mode?), so compact() cannot check that removing channels keeps them: make it deterministic first")
+
+    def removing_only(groups: list[str] | None) -> tuple[nn.Module, list[str]]:
+        """A copy without the zero units of `groups` (of all groups: None), and every group that has some."""
+        return _without_zero_units(model, example_inputs, lambda group: groups is None or group in groups)
+
+    compacted, removable = removing_only(None)
     if _computes(compacted, example_inputs, expected):
         return compacted
-    exact = [name for name in removable if _computes(_without_zero_units(model, example_inputs, name.__eq__)[0], example_inputs, expected)]
-    compacted, _ = _without_zero_units(model, example_inputs, set(exact).__contains__)
+    exact = _exact_groups(removable, lambda groups: _computes(removing_only(groups)[0], example_inputs, expected))
+    compacted, _ = removing_only(exact)
     if not _computes(compacted, example_inputs, expected):
         raise RuntimeError("compaction changed the model's outputs; the original model is unchanged. Please report this model")
     kept = [_display(name) for name in removable if name not in exact]
     warnings.warn(f"compact() keeps the zero channels or heads of {kept[:4]}{' and more' if len(kept) > 4 else ''}: "
                   "removing them changes the outputs (e.g. a zero row of a tied embedding is still a class of the output)", stacklevel=2)
     return compacted
+
+
+def _exact_groups(groups: list[str], exact: Callable[[list[str]], bool]) -> list[str]:
+    """The groups whose removal keeps the outputs, when removing all of `groups` does not: halves are tried
+    in turn, so a few such groups among many cost a few traces each, not one per group."""
+    if len(groups) <= 1:
+        return []
+    halves = groups[: len(groups) // 2], groups[len(groups) // 2 :]
+    return [group for half in halves for group in (half if exact(half) else _exact_groups(half, exact))]
 
 
 def _without_zero_units(model: nn.Module, example_inputs: ExampleInputs, wanted: Callable[[str], bool]) -> tuple[nn.Module, list[str]]:
@@ -586,8 +610,9 @@ def count_macs_and_parameters(model: nn.Module, example_inputs: ExampleInputs) -
 def save_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: ExampleInputs, **metadata: Any) -> None:
     """Save a compacted model so that `load_compacted` rebuilds it from the original architecture.
 
-    The file holds the weights and the example inputs (their shapes; the values of token ids and masks),
-    all weights-only-safe; no pickled classes.
+    The file holds the weights and the example inputs (their shapes; the values of integer inputs such as
+    token ids, up to 65,536 per input: the text they encode travels with the file), all weights-only-safe;
+    no pickled classes.
     """
     refuse_parametrized(model, "save_compacted()")
     save_checkpoint(path, {"format": COMPACTED_FORMAT, "state_dict": model.state_dict(), "example_inputs": describe_inputs(example_inputs), **metadata})
@@ -608,17 +633,26 @@ def load_compacted(path: str | os.PathLike, model: nn.Module, example_inputs: Ex
     state = load_checkpoint(path)
     if state.get("format") not in (COMPACTED_FORMAT, "pdprune.compacted/1"):
         raise ValueError(f"{str(path)!r} is not a compacted pdprune model (format {state.get('format')!r}); use torch.load for plain files")
-    refuse_parametrized(model, "load_compacted() (into a fresh instance of the architecture)")
+    refuse_parametrized(model, "load_compacted()", "pass a fresh instance of the architecture, without a pruner")
     saved = state["state_dict"]
+    advice = "Pass a fresh instance of the model that was compacted"
     if example_inputs is None:
         example_inputs = inputs_from_description(state["example_inputs"])
+        if not has_input_values(state["example_inputs"]):
+            advice += (", and example_inputs=... if it needs input values to run: this file, written by an earlier pdprune, keeps "
+                       "only their shapes, and zeros stand in for them")
+    else:
+        advice += ", with example_inputs it accepts"
     try:
         _check_inputs(model, example_inputs)
     except TypeError as error:  # another architecture than the one compacted: it takes other inputs
-        raise ValueError(f"{str(path)!r} does not fit this architecture: {error}. Pass a fresh instance of the model that was "
-                         "compacted (and example_inputs=... if it needs other values than those it was compacted with)") from error
+        raise ValueError(f"{str(path)!r} does not fit this architecture: {error}. {advice}") from error
     with _restored_on_error(model):
-        _shrink_to(model, saved, example_inputs)
+        try:
+            _shrink_to(model, saved, example_inputs)
+        except (ValueError, RuntimeError, TypeError, IndexError, KeyError) as error:
+            raise ValueError(f"{str(path)!r} does not fit this architecture: its heads and channels could not be removed as saved "
+                             f"({type(error).__name__}: {error}). {advice} (the model passed is left as it was)") from error
         mismatches = _mismatches(model.state_dict(), saved)
         if mismatches:
             raise ValueError(f"{str(path)!r} does not fit this architecture: {'; '.join(mismatches[:6])}. "
@@ -658,18 +692,24 @@ def _mismatches(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
 
 @contextlib.contextmanager
 def _restored_on_error(model: nn.Module) -> Iterator[None]:
-    """Undo what the block did to the modules of `model` (tensors replaced, attributes such as head counts
-    set, children swapped) if it raises. Values written into tensors in place are not undone."""
-    saved = {module: (dict(vars(module)), dict(module._parameters), dict(module._buffers), dict(module._modules)) for module in model.modules()}
+    """Undo what the block did to the modules of `model` if it raises: attributes set (head counts), and the
+    dictionaries among them changed in place (parameters, buffers and children replaced, hooks added).
+    Values written into tensors in place are not undone."""
+    saved = {module: {name: dict(value) if isinstance(value, dict) else value for name, value in vars(module).items()}
+             for module in model.modules()}
     try:
         yield
     except BaseException:
-        for module, (attributes, parameters, buffers, children) in saved.items():
-            vars(module).clear()
-            vars(module).update(attributes)
-            for current, before in ((module._parameters, parameters), (module._buffers, buffers), (module._modules, children)):
-                current.clear()
-                current.update(before)
+        for module, attributes in saved.items():
+            current = vars(module)
+            for name in set(current) - set(attributes):
+                del current[name]
+            for name, value in attributes.items():
+                if isinstance(value, dict) and isinstance(current.get(name), dict):
+                    current[name].clear()  # the same dictionary object: PyTorch holds references to some
+                    current[name].update(value)
+                else:
+                    current[name] = value
         raise
 
 
