@@ -59,8 +59,8 @@ def mask_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def in_mask_dtype(tensor: Tensor) -> Tensor:
-    """`tensor` in its masks' dtype (`mask_dtype`)."""
-    return tensor.to(mask_dtype(tensor.dtype))
+    """`tensor` in its masks' dtype (`mask_dtype`); the tensor itself, without a call, for other dtypes."""
+    return tensor.float() if tensor.dtype == torch.float16 else tensor
 
 
 @dataclass(frozen=True)
