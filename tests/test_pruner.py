@@ -439,7 +439,11 @@ def test_float16_weights_get_the_masks_of_their_float32_values(structure, half_a
     model.half()  # again, on a float16 model (Hugging Face's .to(float16)): the masks keep their float32 state
     assert model[0].weight.dtype == torch.float16
     torch.testing.assert_close(model[0].weight.float(), reference[0].weight.detach(), atol=1e-4, rtol=2e-3)
-    model(torch.randn(2, 64, dtype=torch.float16)).sum().backward()
+    saved: list[tuple[torch.dtype, int]] = []  # for the backward: float32 copies of the weight are computed again, not kept
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append((tensor.dtype, tensor.numel())) or tensor, lambda tensor: tensor):
+        output = model(torch.randn(2, 64, dtype=torch.float16))
+    assert saved and not any(dtype == torch.float32 and size >= 64 * 64 for dtype, size in saved)
+    output.sum().backward()
     gradient = model[0].parametrizations.weight.original.grad
     assert gradient.dtype == torch.float16 and bool(gradient.isfinite().all())
     pruner.finalize()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pdprune.masks import (
     band_order_statistics,
@@ -240,8 +241,12 @@ class SoftMask(MaskState):
             self.compiled_forward = True
         elif self.is_stale(weight):
             self.refresh(weight)  # eager: a weight changed outside an optimizer's step is caught here
-        computed = in_mask_dtype(weight)  # a float16 weight's mask keeps float32 copies for the backward
-        return self._masked(computed) if computed is weight else self._masked(computed).to(weight.dtype)
+        if weight.dtype == torch.float16:  # computed in float32 (see mask_dtype), and again in the backward
+            return checkpoint(self._masked_in_float32, weight, use_reentrant=False)  # instead of keeping float32 copies
+        return self._masked(weight)
+
+    def _masked_in_float32(self, weight: Tensor) -> Tensor:
+        return self._masked(weight.float()).to(weight.dtype)
 
     def pruned_of(self, weight: Tensor) -> int:
         """How many weights of `weight` (of each group, for N:M) the current sparsity prunes."""
@@ -443,7 +448,13 @@ class BoundSlice:
         return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
     def unit_norms(self, tensor: Tensor) -> Tensor:
-        """(units,) the squared L2 norm of each unit's entries of `tensor`."""
+        """(units,) the squared L2 norm of each unit's entries of `tensor` (float16: in float32, computed
+        again in the backward rather than kept)."""
+        if tensor.dtype == torch.float16 and tensor.requires_grad:
+            return checkpoint(self._unit_norms, tensor, use_reentrant=False)
+        return self._unit_norms(tensor)
+
+    def _unit_norms(self, tensor: Tensor) -> Tensor:
         entries = in_mask_dtype(tensor).square().movedim(self.dim, 0).reshape(tensor.shape[self.dim], -1).sum(dim=1)  # (entries,)
         return entries[self.positions].sum(dim=1)  # (units,)
 
