@@ -415,6 +415,30 @@ def test_a_module_reused_under_two_names_is_masked_once():
     assert int((model.first.weight == 0).sum()) == 32
 
 
+class _LoraLinear(nn.Module):
+    """PEFT's LoRA layer, as it holds its parts: the frozen `base_layer` and the adapters `lora_A`, `lora_B`."""
+
+    def __init__(self, inputs: int, outputs: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(inputs, outputs).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(inputs, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, outputs, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_lora_adapters_stay_dense_and_the_merge_that_undoes_pruning_is_warned_about():
+    model = nn.Sequential(_LoraLinear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.warns(UserWarning, match=r"LoRA adapters.*merging them \(merge_and_unload\).*undoes the pruning"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    assert sorted(pruner.units) == ["0.base_layer.weight", "2.weight"]
+    assert {"0.lora_A.default", "0.lora_B.default"} <= set(pruner.report().skipped)
+    assert "a LoRA adapter" in pruner.report().skipped["0.lora_B.default"]
+    pruner.finalize()
+    assert bool((model[0].base_layer.weight == 0).any()) and not bool((model[0].lora_A["default"].weight == 0).any())
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "channel"])
 @pytest.mark.parametrize("half_after_attaching", [False, True])
 @pytest.mark.filterwarnings("ignore:channel groups left dense", "ignore:the hard mask removes")

@@ -89,6 +89,18 @@ def _weight_bearing(module: nn.Module) -> list[str]:
     return [name for name, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2 and parameter.shape[0] > 1]
 
 
+def _lora_adapters(model: nn.Module) -> set[str]:
+    """The modules inside LoRA adapters: those of a layer that holds a `base_layer` and `lora_A` (PEFT's
+    LoRA layers), except the base layer and what it holds."""
+    adapters = set()
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "lora_A"):
+            base = qualified_name(name, "base_layer")
+            adapters |= {inner for inner, _ in module.named_modules(prefix=name) if inner != name and inner != base
+                         and not inner.startswith(base + ".")}
+    return adapters
+
+
 def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Module name -> module for every layer the config selects, and every weight-bearing module left
     out -> why. Errors name the pattern or the problem."""
@@ -113,13 +125,24 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
                 f"module names look like {list(candidates)[:6]}"
             )
     selected = {}
+    adapters = _lora_adapters(model)
     for name, module in candidates.items():
-        if config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+        if name in adapters:
+            skipped[name] = ("a LoRA adapter: its update B·A adds to the base layer's whole weight, dense, so pruning it only "
+                             "lowers its rank; pdprune prunes the base layer")
+        elif config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             skipped[name] = "not matched by include"
         elif any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             skipped[name] = "matched by exclude"
         else:
             selected[name] = module
+    if adapters:
+        warnings.warn(
+            "the model carries LoRA adapters: pdprune prunes their base layers and leaves the adapters dense, but merging them "
+            "(merge_and_unload) adds their dense update to the pruned weights and undoes the pruning. Keep them unmerged, or "
+            "merge them before pruning and fine-tune the whole model (a frozen base layer's mask follows its magnitudes only)",
+            stacklevel=4,
+        )
     reparametrized = {}
     for name, module in selected.items():
         _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
