@@ -439,6 +439,29 @@ def test_lora_adapters_stay_dense_and_the_merge_that_undoes_pruning_is_warned_ab
     assert bool((model[0].base_layer.weight == 0).any()) and not bool((model[0].lora_A["default"].weight == 0).any())
 
 
+class _SelfAttention(nn.Module):
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (p(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.o_proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_heads_behind_lora_layers_stay_dense_and_say_why():
+    model = nn.Sequential(_SelfAttention(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
+    example = torch.randn(2, 5, 16)
+    assert set(PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=example).units) >= {"0 heads"}
+    model = nn.Sequential(_SelfAttention(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
+    model[0].q_proj, model[0].v_proj = _LoraLinear(16, 16), _LoraLinear(16, 16)
+    with pytest.warns(UserWarning, match="LoRA"):
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=example)
+    assert "0 heads" not in pruner.units and "1" in pruner.units
+    assert "its projections ['q_proj', 'v_proj'] are LoRA layers" in pruner.report().skipped["0 heads"]
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "channel"])
 @pytest.mark.parametrize("half_after_attaching", [False, True])
 @pytest.mark.filterwarnings("ignore:channel groups left dense", "ignore:the hard mask removes")

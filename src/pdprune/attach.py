@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pdprune.config import PruningConfig, parse_structure
-from pdprune.layers import LayerType, layer_type_of, layer_types
+from pdprune.layers import LayerType, is_lora_layer, layer_type_of, layer_types
 from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
@@ -90,11 +90,10 @@ def _weight_bearing(module: nn.Module) -> list[str]:
 
 
 def _lora_adapters(model: nn.Module) -> set[str]:
-    """The modules inside LoRA adapters: those of a layer that holds a `base_layer` and `lora_A` (PEFT's
-    LoRA layers), except the base layer and what it holds."""
+    """The modules inside LoRA adapters: those of each LoRA layer (`is_lora_layer`) but its base layer."""
     adapters = set()
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "lora_A"):
+        if is_lora_layer(module):
             base = qualified_name(name, "base_layer")
             adapters |= {inner for inner, _ in module.named_modules(prefix=name) if inner != name and inner != base
                          and not inner.startswith(base + ".")}

@@ -140,3 +140,9 @@ def layer_type_of(module: nn.Module, types: dict[str, LayerType] | None = None) 
         if cls in by_class:
             return by_class[cls]
     return None
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether `module` is a LoRA layer as PEFT builds them: a `base_layer` next to its adapters `lora_A`
+    (and `lora_B`), whose dense update adds to the base layer's output."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "lora_A")

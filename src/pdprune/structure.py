@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from pdprune.attention import HEAD_SIZE_ATTRIBUTES, HEADS_ATTRIBUTES, AttentionSpec, find_attention
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.layer_surgery import layout_pruner, torch_pruning
-from pdprune.layers import layer_type_of, layer_types
+from pdprune.layers import is_lora_layer, layer_type_of, layer_types
 from pdprune.units import Slice, UnitSpec
 from pdprune.model_io import (
     ExampleInputs, call_model, describe_inputs, evaluating, has_input_values, inputs_from_description, refuse_parametrized, same_outputs,
@@ -427,6 +427,10 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
             packed = "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight, k_proj_weight and v_proj_weight"
             skipped[f"{name} heads"] = (f"nn.MultiheadAttention keeps its heads in {packed}, whose heads pdprune does not remove, "
                                         f"so {projections[:4]} stay dense too. Prune it with an unstructured or N:M structure (layer_structures)")
+            continue
+        if wrapped := sorted(child for child, inner in module.named_children() if is_lora_layer(inner)):
+            skipped[f"{name} heads"] = (f"its projections {wrapped} are LoRA layers, whose heads pdprune does not remove; "
+                                        f"{projections[:4]} stay dense. Prune them with an unstructured or N:M structure (layer_structures)")
             continue
         skipped[f"{name} heads"] = (
             f"{type(model.get_submodule(name)).__name__} looks like attention but pdprune cannot tell where its heads lie "
