@@ -484,6 +484,8 @@ def test_float16_weights_get_the_masks_of_their_float32_values(structure, half_a
     model.half()
     pruner.step()
     model.half()  # again, on a float16 model (Hugging Face's .to(float16)): the masks keep their float32 state
+    model.float().half()  # and through float32: the sparsity stays float64, the masks float32
+    assert all(buffer.dtype == torch.float64 for name, buffer in model.named_buffers() if name.endswith("current_sparsity"))
     assert model[0].weight.dtype == torch.float16
     torch.testing.assert_close(model[0].weight.float(), reference[0].weight.detach(), atol=1e-4, rtol=2e-3)
     saved: list[tuple[torch.dtype, int]] = []  # for the backward: float32 copies of the weight are computed again, not kept

@@ -181,11 +181,12 @@ class MaskState(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> MaskState:
         """model.half() (or .to(float16), twice or more) moves the masks' buffers but keeps their values and
-        dtypes: a buffer cast to float16 is restored from its value before, on the new device."""
+        dtypes: a buffer cast to float16 is restored from its value before, on the new device; so is the
+        float64 sparsity under any cast."""
         before = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
-            if buffer is not None and buffer.dtype == torch.float16 and before[name].dtype != torch.float16:
+            if buffer is not None and buffer.dtype != before[name].dtype and (buffer.dtype == torch.float16 or name == "current_sparsity"):
                 self._buffers[name] = before[name].to(buffer.device)
         return self
 
