@@ -14,7 +14,7 @@ from torch.utils import _pytree
 
 __all__ = [
     "ExampleInputs", "call_model", "evaluating", "tensor_leaves", "same_outputs", "describe_inputs", "inputs_from_description",
-    "has_input_values", "refuse_parametrized",
+    "has_input_values", "refuse_parametrized", "has_batchnorm",
 ]
 
 ExampleInputs = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
@@ -162,3 +162,8 @@ def refuse_parametrized(model: nn.Module, action: str, remedy: str = "call prune
             f"{action} needs a plain model, but {attached[:3]} still carry parametrizations (PDP's masks): "
             f"{remedy}"
         )
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether `model` has a BatchNorm layer (whose statistics a hard cut can leave stale)."""
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())

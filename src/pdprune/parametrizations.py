@@ -60,8 +60,9 @@ def mask_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def in_mask_dtype(tensor: Tensor) -> Tensor:
-    """`tensor` in its masks' dtype (`mask_dtype`); the tensor itself, without a call, for other dtypes."""
-    return tensor.float() if tensor.dtype == torch.float16 else tensor
+    """`tensor` in its masks' dtype (`mask_dtype`): the tensor itself where that is its own."""
+    dtype = mask_dtype(tensor.dtype)
+    return tensor if dtype == tensor.dtype else tensor.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class MaskState(nn.Module):
         before = dict(self._buffers)
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
-            if buffer is not None and buffer.dtype != before[name].dtype and (buffer.dtype == torch.float16 or name == "current_sparsity"):
+            if buffer is not None and buffer.dtype != before[name].dtype and (buffer.dtype != mask_dtype(buffer.dtype) or name == "current_sparsity"):
                 self._buffers[name] = before[name].to(buffer.device)
         return self
 
@@ -242,12 +243,12 @@ class SoftMask(MaskState):
             self.compiled_forward = True
         elif self.is_stale(weight):
             self.refresh(weight)  # eager: a weight changed outside an optimizer's step is caught here
-        if weight.dtype == torch.float16:  # computed in float32 (see mask_dtype), and again in the backward
-            return checkpoint(self._masked_in_float32, weight, use_reentrant=False)  # instead of keeping float32 copies
+        if mask_dtype(weight.dtype) != weight.dtype:  # float16: computed in float32, and again in the backward
+            return checkpoint(self._masked_in_mask_dtype, weight, use_reentrant=False)  # instead of keeping float32 copies
         return self._masked(weight)
 
-    def _masked_in_float32(self, weight: Tensor) -> Tensor:
-        return self._masked(weight.float()).to(weight.dtype)
+    def _masked_in_mask_dtype(self, weight: Tensor) -> Tensor:
+        return self._masked(in_mask_dtype(weight)).to(weight.dtype)
 
     def pruned_of(self, weight: Tensor) -> int:
         """How many weights of `weight` (of each group, for N:M) the current sparsity prunes."""
@@ -451,7 +452,7 @@ class BoundSlice:
     def unit_norms(self, tensor: Tensor) -> Tensor:
         """(units,) the squared L2 norm of each unit's entries of `tensor` (float16: in float32, computed
         again in the backward rather than kept)."""
-        if tensor.dtype == torch.float16 and tensor.requires_grad:
+        if mask_dtype(tensor.dtype) != tensor.dtype and tensor.requires_grad:
             return checkpoint(self._unit_norms, tensor, use_reentrant=False)
         return self._unit_norms(tensor)
 

@@ -26,6 +26,7 @@ from pdprune._version import __version__
 from pdprune.attach import attach, check_finite, qualified_name
 from pdprune.config import PruningConfig
 from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
+from pdprune.model_io import has_batchnorm
 from pdprune.parametrizations import ChannelGroup, ChannelMask, NMMask, SoftMask, UnstructuredMask, in_mask_dtype
 from pdprune.report import GroupSparsity, LayerSparsity, SparsityReport
 from pdprune.schedule import Schedule, global_budgets, lamp_budgets, uniform_budgets
@@ -364,7 +365,7 @@ class PDPPruner:
                 self.hard_cut[name] = float((soft - value).square().sum()) / used if used > 0 else 0.0
         worst = max(self.hard_cut, key=self.hard_cut.get, default=None)
         if worst is not None and self.hard_cut[worst] > HARD_CUT_WARNING:
-            batchnorm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in self.model.modules())
+            batchnorm = has_batchnorm(self.model)
             if self.config.schedule.anneal_end_epoch is None:
                 remedy = ("Train with ScheduleConfig(anneal_end_epoch=...) so that the soft mask turns hard before training ends"
                           + ("; for a model with BatchNorm already trained, re-estimating its statistics "

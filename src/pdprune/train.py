@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from pdprune.checkpoint import load_checkpoint, save_checkpoint
 from pdprune.data.dataset import Dataset, batches
+from pdprune.model_io import has_batchnorm
 
 __all__ = ["TrainConfig", "TrainResult", "PruningMethod", "train", "evaluate", "evaluate_splits", "has_batchnorm", "recalibrate_batchnorm"]
 
@@ -96,11 +97,6 @@ def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int =
 def evaluate_splits(model: nn.Module, dataset: Dataset) -> dict[str, float]:
     """Top-1 accuracy on every evaluation split of `dataset`, by split name."""
     return {name: evaluate(model, inputs, labels) for name, (inputs, labels) in dataset.evaluations.items()}
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether `model` has a BatchNorm layer (whose statistics a hard cut can leave stale)."""
-    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
 
 
 def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batch_size: int = 128, num_batches: int = 100, seed: int = 0) -> bool:
