@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -437,6 +438,15 @@ def test_lora_adapters_stay_dense_and_the_merge_that_undoes_pruning_is_warned_ab
     assert "a LoRA adapter" in pruner.report().skipped["0.lora_B.default"]
     pruner.finalize()
     assert bool((model[0].base_layer.weight == 0).any()) and not bool((model[0].lora_A["default"].weight == 0).any())
+
+
+def test_a_refused_lora_model_gets_the_refusal_alone():
+    """The merge warning is for a pruner that exists: a model refused later hears only why it was refused."""
+    model = nn.Sequential(_LoraLinear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="no prunable layer selected"):
+            PDPPruner(model, PruningConfig(sparsity=0.5, exclude=("*",)))
 
 
 class _SelfAttention(nn.Module):

@@ -135,13 +135,6 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             skipped[name] = "matched by exclude"
         else:
             selected[name] = module
-    if adapters:
-        warnings.warn(
-            "the model carries LoRA adapters: pdprune prunes their base layers and leaves the adapters dense, but merging them "
-            "(merge_and_unload) adds their dense update to the pruned weights and undoes the pruning. Keep them unmerged, or "
-            "merge them before pruning and fine-tune the whole model (a frozen base layer's mask follows its magnitudes only)",
-            stacklevel=4,
-        )
     reparametrized = {}
     for name, module in selected.items():
         _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
@@ -176,6 +169,13 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
         warnings.warn(
             f"left dense, not a layer type pdprune knows: modules of type {unknown_types} "
             "(pruner.report() lists them; pdprune.register_layer_type declares one)",
+            stacklevel=4,
+        )
+    if adapters:
+        warnings.warn(
+            "the model carries LoRA adapters: pdprune prunes their base layers and leaves the adapters dense, but merging them "
+            "(merge_and_unload) adds their dense update to the pruned weights and undoes the pruning. Keep them unmerged, or "
+            "merge them before pruning and fine-tune the whole model (a frozen base layer's mask follows its magnitudes only)",
             stacklevel=4,
         )
     return selected, skipped
