@@ -11,13 +11,15 @@ import warnings
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification)
 
 from pdprune import PDPPruner, PruningConfig, ScheduleConfig, compact, is_nm_sparse
 from pdprune.attention import FUSED_NAMES, KEY_NAMES, OUTPUT_NAMES, QUERY_NAMES, VALUE_NAMES, find_attention
 from pdprune.layers import layer_type_of
 from pdprune.masks import pruned_count
 from pdprune.model_io import call_model, tensor_leaves
+from pdprune.parametrizations import UnstructuredMask
 
 transformers.logging.set_verbosity_error()
 TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
@@ -33,6 +35,11 @@ def _image(labels: bool = True) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     batch = {"pixel_values": torch.randn(4, 3, 32, 32, generator=generator)}
     return batch | ({"labels": torch.randint(0, 3, (4,), generator=generator)} if labels else {})
+
+
+def _causal(labels: bool = True) -> dict[str, torch.Tensor]:
+    batch = _text(False)
+    return batch | ({"labels": batch["input_ids"]} if labels else {})
 
 
 def _seq2seq(labels: bool = True) -> dict[str, torch.Tensor]:
@@ -51,6 +58,10 @@ ARCHITECTURES = {
         AutoConfig.for_model("llama", **TEXT, num_key_value_heads=2, pad_token_id=0)), _text),
     "modernbert": (lambda: AutoModelForSequenceClassification.from_config(AutoConfig.for_model(  # fused Wqkv and Wo, capitalized
         "modernbert", **TEXT, pad_token_id=0, max_position_embeddings=32, global_attn_every_n_layers=2, local_attention=8)), _text),
+    "mixtral-moe": (lambda: AutoModelForSequenceClassification.from_config(AutoConfig.for_model(  # experts in 3-D (experts, out, in)
+        "mixtral", **TEXT, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)), _text),
+    "gpt-oss-moe": (lambda: AutoModelForCausalLM.from_config(AutoConfig.for_model(  # experts transposed, (experts, in, out)
+        "gpt_oss", **TEXT, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)), _causal),
     "t5": (lambda: AutoModelForSeq2SeqLM.from_config(
         AutoConfig.for_model("t5", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100)), _seq2seq),
     "resnet": (lambda: AutoModelForImageClassification.from_config(
@@ -61,6 +72,9 @@ ARCHITECTURES = {
         AutoConfig.for_model("mobilenet_v2", depth_multiplier=0.25, image_size=32, num_labels=3)), _image),
 }
 STRUCTURES = {"unstructured": 0.9, "2:4": 0.5, "channel": 0.5}
+NO_CHANNELS = {"gpt-oss-moe": r"GptOssExperts holds \['gate_up_proj', 'down_proj'\].*self_attn heads: removing these heads changes"}
+"""Architectures with no channel or head pdprune can remove, and what the refusal says (GPT-OSS: experts
+are pruned unstructured or N:M only, and each head has an attention sink no projection holds)."""
 
 
 def _outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -77,6 +91,10 @@ def test_prune_train_finalize_reload_and_compact(architecture, structure):
     model = build()
     config = PruningConfig(sparsity=STRUCTURES[structure], structure=structure,
                            schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=1, steps_per_epoch=2))
+    if structure == "channel" and architecture in NO_CHANNELS:
+        with pytest.raises(ValueError, match=f"nothing left to prune: .*{NO_CHANNELS[architecture]}"):
+            PDPPruner(model, config, example_inputs=batch(labels=False))
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers left dense are in the report, checked below
         pruner = PDPPruner(model, config, example_inputs=batch(labels=False))
@@ -127,6 +145,53 @@ def test_prune_train_finalize_reload_and_compact(architecture, structure):
                 after = getattr(small.get_submodule(name), tensor_name).shape[dim]
                 assert before - after == entries, f"{group.name}: {name}"
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+# --- mixtures of experts -------------------------------------------------------------------------
+
+
+def _mixtral(experts_implementation: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "mixtral", **TEXT, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0,
+        experts_implementation=experts_implementation))
+
+
+def test_experts_run_eagerly_compute_each_masked_tensor_once_per_forward_and_as_the_grouped_kernel_does(monkeypatch):
+    """Run eagerly, Hugging Face's experts read their 3-D weights once per expert: each read must not compute the
+    whole masked tensor again (E times the time and memory)."""
+    models = {implementation: _mixtral(implementation) for implementation in ("grouped_mm", "eager")}
+    pruners = {implementation: PDPPruner(model, PruningConfig(sparsity=0.9)) for implementation, model in models.items()}
+    experts = [f"model.layers.{layer}.mlp.experts.{tensor}" for layer in (0, 1) for tensor in ("gate_up_proj", "down_proj")]
+    assert all(name in pruners["eager"].tensor_names for name in experts), "experts are pruned by default"
+    assert layer_type_of(models["eager"].model.layers[0].mlp.experts).name == "Experts"
+    computed: dict[int, int] = {}
+    forward = UnstructuredMask.forward
+
+    def counted(mask, weight):
+        computed[id(mask)] = computed.get(id(mask), 0) + 1
+        return forward(mask, weight)
+
+    monkeypatch.setattr(UnstructuredMask, "forward", counted)
+    batch = _text(False)
+    outputs = {implementation: _outputs(model, batch) for implementation, model in models.items()}
+    masks = [id(models["eager"].get_submodule(name.rpartition(".")[0]).parametrizations[name.rpartition(".")[2]][0]) for name in experts]
+    assert [computed[mask] for mask in masks] == [1] * len(experts)
+    torch.testing.assert_close(outputs["eager"], outputs["grouped_mm"])
+    pruners["eager"].finalize()
+    hooks = [(m._forward_hooks, m._forward_pre_hooks) for m in models["eager"].modules()]
+    assert not any(post or pre for post, pre in hooks), "finalize takes the hooks off"
+
+
+def test_experts_are_a_layer_type_of_their_own_that_module_types_can_leave_out():
+    import pdprune
+
+    with pytest.raises(ValueError, match="layer type name 'Experts' is taken by Hugging Face's mixture-of-experts modules"):
+        pdprune.register_layer_type("Experts", torch.nn.Bilinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(_mixtral("grouped_mm"), PruningConfig(sparsity=0.5, module_types=("Linear",)))
+    assert "its layer type 'Experts' is not in module_types ['Linear']" in pruner.report().skipped["model.layers.0.mlp.experts"]
 
 
 # --- bad input: a specific error naming the module and the fix, nothing modified ---------------------

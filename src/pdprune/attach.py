@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from pdprune.config import PruningConfig, parse_structure
-from pdprune.layers import LayerType, is_lora_layer, layer_type_of, layer_types
+from pdprune.layers import EXPERTS, LayerType, is_lora_layer, layer_type_of, layer_types
 from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
@@ -28,12 +29,14 @@ __all__ = ["Attached", "attach", "check_finite", "qualified_name"]
 
 @dataclass
 class Attached:
-    """What `attach` registered: the pruning units, every parametrized tensor, channel-group members."""
+    """What `attach` registered: the pruning units, every parametrized tensor, channel-group members,
+    and the hooks that go with the masks (`cache_per_forward`)."""
 
     units: dict[str, MaskState]
     tensors: dict[str, tuple[nn.Module, str]]
     group_members: dict[str, dict[str, Tensor]]
     skipped: dict[str, str]
+    hooks: list[RemovableHandle]
 
 
 def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) -> Attached:
@@ -56,7 +59,35 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     for tensor, _, _, mask in registrations:
         if isinstance(mask, ChannelMask):
             group_members.setdefault(mask.group.name, {})[tensor] = mask.positions[:, 0]
-    return Attached(units, tensors, group_members, skipped | incompatible)
+    experts = {id(module): module for module, _ in tensors.values() if getattr(layer_type_of(module), "name", None) == EXPERTS}
+    return Attached(units, tensors, group_members, skipped | incompatible, cache_per_forward(experts.values()))
+
+
+class _CachedForward:
+    """Forward hooks that run a module's forward inside `parametrize.cached()`."""
+
+    def __init__(self) -> None:
+        self.contexts: list[Any] = []
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():  # compiled, the graph computes each masked tensor once anyway
+            self.contexts.append(parametrize.cached())
+            self.contexts[-1].__enter__()
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.compiler.is_compiling() and self.contexts:
+            self.contexts.pop().__exit__(None, None, None)
+
+
+def cache_per_forward(modules: Any) -> list[RemovableHandle]:
+    """Compute each masked tensor of `modules` once per forward pass of the module. Hugging Face's experts
+    run eagerly read their 3-D weights once per expert (`gate_up_proj[expert]`), and every read would
+    compute the whole masked tensor: E times the mask's time and memory."""
+    handles = []
+    for module in modules:
+        hook = _CachedForward()
+        handles += [module.register_forward_pre_hook(hook.enter), module.register_forward_hook(hook.exit, always_call=True)]
+    return handles
 
 
 def qualified_name(module_name: str, attribute: str) -> str:
@@ -104,7 +135,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     """Module name -> module for every layer the config selects, and every weight-bearing module left
     out -> why. Errors name the pattern or the problem."""
     known = layer_types()
-    wanted = {name: known[name] for name in config.module_types if name in known}
+    wanted = set(config.module_types)
     candidates: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -137,7 +168,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             selected[name] = module
     reparametrized = {}
     for name, module in selected.items():
-        _refuse_unusable_weight(name, module, wanted[layer_type_of(module, known).name])
+        _refuse_unusable_weight(name, module, layer_type_of(module, known))
         reparametrized |= _computed_elsewhere(name, module, layer_type_of(module, known))
     if reparametrized and config.on_incompatible == "error":
         raise ValueError(f"{next(iter(reparametrized.values()))}; or pass on_incompatible='skip' to leave such weights dense")
@@ -268,7 +299,7 @@ def _build_units(
                              "give them one structure in layer_structures, or exclude all but one")
         if structure == "channel":
             if not layer_type.channels_in_weight:
-                skipped[tensor_name] = (f"channel pruning removes the output channels of a layer's `weight`; a {layer_type.name} holds "
+                skipped[tensor_name] = (f"channel pruning removes the output channels of a layer's `weight`; a {type(module).__name__} holds "
                                         f"{layer_type.tensors_of(module)} instead, of which pdprune removes no channels or heads: give it an "
                                         f"unstructured or N:M structure (layer_structures={{{name!r}: '2:4'}})")
             elif len(ties.get(id(weight), ())) > 1:

@@ -6,7 +6,8 @@ and channels along the output dimension, so every prunable type is declared with
 
     pdprune.register_layer_type("MyLinear", MyLinear, input_dim=0, output_dim=1)
 
-`transformers`' Conv1D is known out of the box (as "Conv1D") whenever transformers is imported.
+`transformers`' Conv1D is known out of the box (as "Conv1D") whenever transformers is imported, and so
+are its mixture-of-experts modules (as "Experts"), which keep every expert's weights in 3-D tensors.
 """
 
 from __future__ import annotations
@@ -66,12 +67,16 @@ _BUILT_IN = {
     "MultiheadAttention": LayerType("MultiheadAttention", nn.MultiheadAttention,
                                     tensors=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")),
 }
+EXPERTS = "Experts"
+"""The layer type of Hugging Face's mixture-of-experts modules (`hugging_face_experts`)."""
+EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj")
 _FROM_LIBRARIES = {"Conv1D": ("transformers", "transformers.pytorch_utils", "Conv1D", 0, 1)}
 """name -> (library, module path, class, input_dim, output_dim): known once the library is imported."""
 _REGISTERED: dict[str, LayerType] = {}
 
 DEFAULT_MODULE_TYPES = (
     "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "MultiheadAttention", "Conv1D",
+    EXPERTS,
 )
 """What `PruningConfig.module_types` selects by default (not embeddings)."""
 
@@ -103,6 +108,8 @@ def register_layer_type(
             f"layer type {name!r}: input_dim and output_dim are both {input_dim}; a weight's inputs and outputs lie along "
             "two different dimensions, e.g. input_dim=1, output_dim=0 for (out, in) as nn.Linear stores it"
         )
+    if name == EXPERTS:
+        raise ValueError(f"layer type name {EXPERTS!r} is taken by Hugging Face's mixture-of-experts modules; pick another name")
     known = layer_types().get(name)
     if known is not None and known.module_type is not module_type:
         raise ValueError(f"layer type name {name!r} is taken by {known.module_type.__qualname__}; pick another name")
@@ -129,17 +136,32 @@ def layer_types() -> dict[str, LayerType]:
 
 def known_names() -> set[str]:
     """Names `module_types` accepts, including those of libraries not imported (yet)."""
-    return set(_BUILT_IN) | set(_FROM_LIBRARIES) | set(_REGISTERED)
+    return set(_BUILT_IN) | set(_FROM_LIBRARIES) | set(_REGISTERED) | {EXPERTS}
 
 
 def layer_type_of(module: nn.Module, types: dict[str, LayerType] | None = None) -> LayerType | None:
-    """The layer type of `module` (its own class first, then the nearest base class), or None."""
+    """The layer type of `module` (its own class first, then the nearest base class, then Hugging Face's
+    experts), or None."""
     types = layer_types() if types is None else types
     by_class = {layer_type.module_type: layer_type for layer_type in types.values()}
     for cls in type(module).__mro__:
         if cls in by_class:
             return by_class[cls]
-    return None
+    return hugging_face_experts(module)
+
+
+def hugging_face_experts(module: nn.Module) -> LayerType | None:
+    """The "Experts" layout of `module` if it is a mixture's experts as transformers (5 and later) keeps
+    them, else None. Each model has its own class, but every one is marked by `use_experts_implementation`,
+    which sets `is_transposed` and `has_gate` on the instance: its `gate_up_proj` (or `up_proj`) and
+    `down_proj` are (experts, out, in), or (experts, in, out) where transposed (GPT-OSS)."""
+    transposed = getattr(module, "is_transposed", None)
+    if not isinstance(transposed, bool) or not isinstance(getattr(module, "has_gate", None), bool):
+        return None
+    weights = [getattr(module, name) for name in EXPERT_TENSORS if isinstance(getattr(module, name, None), Tensor)]
+    if not weights or any(weight.dim() != 3 for weight in weights):
+        return None
+    return LayerType(EXPERTS, type(module), input_dim=1 if transposed else 2, output_dim=2 if transposed else 1, tensors=EXPERT_TENSORS)
 
 
 def is_lora_layer(module: nn.Module) -> bool:
