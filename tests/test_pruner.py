@@ -614,6 +614,15 @@ def test_a_model_on_the_meta_device_is_refused():
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
 
 
+def test_a_lazy_layer_not_yet_run_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"1.weight of the LazyLinear has no shape yet .*run the model once on a batch"):
+        PDPPruner(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    model(torch.randn(1, 4))
+    assert sorted(PDPPruner(model).tensor_names) == ["0.weight", "1.weight"]
+
+
 @pytest.mark.parametrize(
     "damage,message",
     [

@@ -140,6 +140,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
         _refuse_attached(name, module)
+        _refuse_uninitialized(name, module)
         layer_type = layer_type_of(module, known)
         if layer_type is not None and layer_type.name in wanted:
             candidates[name] = module  # one without a weight tensor is refused below, unless include/exclude leave it out
@@ -221,6 +222,15 @@ def _refuse_attached(name: str, module: nn.Module) -> None:
             raise RuntimeError(
                 f"a PDP mask is already attached to {name!r}; finalize() or detach() the first pruner before attaching another"
             )
+
+
+def _refuse_uninitialized(name: str, module: nn.Module) -> None:
+    lazy = [attribute for attribute, value in module.named_parameters(recurse=False) if nn.parameter.is_lazy(value)]
+    if lazy:
+        raise ValueError(
+            f"{qualified_name(name, lazy[0])} of the {type(module).__name__} has no shape yet (a lazy module takes it from its first "
+            "input): run the model once on a batch, model(example), then attach the pruner"
+        )
 
 
 def _refuse_unusable_weight(name: str, module: nn.Module, layer_type: LayerType) -> None:
