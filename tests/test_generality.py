@@ -417,6 +417,18 @@ class _OddAttention(torch.nn.Module):
         return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
+def test_heads_with_a_norm_each_are_refused_though_their_norms_start_alike():
+    """StableLM's qk_layernorm keeps one LayerNorm per head. Freshly built, they are all alike, so removing
+    a head looks exact; once trained, the heads after it would meet their neighbours' norms."""
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "stablelm", **TEXT, num_key_value_heads=2, pad_token_id=0, qk_layernorm=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=_text(False))
+    assert "removing these heads changes the model's outputs" in pruner.report().skipped["model.layers.0.self_attn heads"]
+    assert "model.layers.0.mlp.gate_proj" in pruner.units, "the MLP neurons still prune"
+
+
 @pytest.mark.parametrize("attention, include, message", [
     (lambda: torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "0.self_attn.*", r"0\.self_attn heads: nn.MultiheadAttention keeps its heads in in_proj_weight"),
     (_OddAttention, "0.*", r"0 heads: _OddAttention looks like attention but pdprune cannot tell where its heads lie"),

@@ -366,8 +366,12 @@ def _remove(model: nn.Module, spec: UnitSpec, units: list[int], graph, attention
 
 
 def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: ExampleInputs) -> bool:
-    """Zero a third of each unit group's units in one copy, remove them in another, compare the outputs."""
-    masked, removed = _copy(model), _copy(model)
+    """Zero a third of each unit group's units in one copy, remove them in another, compare the outputs.
+    The copies' parameters are perturbed first (alike in both): modules that start out identical, such as
+    one LayerNorm per head, would hide that removing a unit shifts which of them the rest meet."""
+    masked = _copy(model)
+    _perturb(masked)
+    removed = _copy(masked)
     attention = {spec.module: spec for spec in find_attention(removed, example_inputs)}
     graph = _dependency_graph(removed, example_inputs, list(attention.values())) if any(s.kind == "channel" for s in specs) else None
     generator = torch.Generator().manual_seed(0)
@@ -381,6 +385,16 @@ def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: E
             return same_outputs(call_model(masked, example_inputs), call_model(removed, example_inputs))
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError, AssertionError):
         return False  # the removal broke the model
+
+
+def _perturb(model: nn.Module) -> None:
+    """Move every floating-point parameter by a few percent of its scale, with a fixed seed."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and parameter.numel():
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32).to(parameter.device, parameter.dtype)
+                parameter.add_(noise * 0.05 * (parameter.abs().mean() + 1e-2))
 
 
 def _copy(model: nn.Module) -> nn.Module:
