@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +79,7 @@ class _CachedForward:
             self.contexts.pop().__exit__(None, None, None)
 
 
-def cache_per_forward(modules: Any) -> list[RemovableHandle]:
+def cache_per_forward(modules: Iterable[nn.Module]) -> list[RemovableHandle]:
     """Compute each masked tensor of `modules` once per forward pass of the module. Hugging Face's experts
     run eagerly read their 3-D weights once per expert (`gate_up_proj[expert]`), and every read would
     compute the whole masked tensor: E times the mask's time and memory."""
