@@ -52,8 +52,8 @@ def build(kernel: str, pdp: bool, cache: bool, device: torch.device):
         pruner = PDPPruner(model, PruningConfig(sparsity=0.9, allocation="uniform", schedule=ScheduleConfig(warmup_epochs=0, ramp_rate=1.0)))
         assert any(".experts." in name for name in pruner.tensor_names)
         if not cache:
-            for hook in pruner._hooks:  # take pdprune's per-forward cache off, to show what it saves
-                hook.remove()
+            for cache in pruner._caches:  # take pdprune's per-forward cache off, to show what it saves
+                cache.remove()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(0)).to(device)
 

@@ -6,6 +6,7 @@ PyTorch's own attention, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -20,6 +21,7 @@ from pdprune.layers import layer_type_of
 from pdprune.masks import pruned_count
 from pdprune.model_io import call_model, tensor_leaves
 from pdprune.parametrizations import UnstructuredMask
+from pdprune.report import state_dict_sparsity
 
 transformers.logging.set_verbosity_error()
 TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
@@ -157,6 +159,11 @@ def _mixtral(experts_implementation: str) -> torch.nn.Module:
         experts_implementation=experts_implementation))
 
 
+class _Interrupted(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+
 def test_experts_run_eagerly_compute_each_masked_tensor_once_per_forward_and_as_the_grouped_kernel_does(monkeypatch):
     """Run eagerly, Hugging Face's experts read their 3-D weights once per expert: each read must not compute the
     whole masked tensor again (E times the time and memory)."""
@@ -178,9 +185,27 @@ def test_experts_run_eagerly_compute_each_masked_tensor_once_per_forward_and_as_
     masks = [id(models["eager"].get_submodule(name.rpartition(".")[0]).parametrizations[name.rpartition(".")[2]][0]) for name in experts]
     assert [computed[mask] for mask in masks] == [1] * len(experts)
     torch.testing.assert_close(outputs["eager"], outputs["grouped_mm"])
+    copied = copy.deepcopy(models["eager"])
+    computed.clear()
+    _outputs(copied, batch)
+    assert set(computed.values()) == {1}, "a deep copy caches too"
+
+    monkeypatch.undo()
+    model, experts_module = models["eager"], models["eager"].model.layers[0].mlp.experts
+    activation = experts_module.act_fn
+
+    experts_module.act_fn = _Interrupted()  # Ctrl-C inside the experts' forward must not leave the cache on
+    with pytest.raises(KeyboardInterrupt):
+        _outputs(model, batch)
+    experts_module.act_fn = activation
+    model.train()
+    for _ in range(2):  # a cache left on would serve the first step's masked weights: "backward through the graph a second time"
+        model(**_text()).loss.backward()
+        pruners["eager"].step()
     pruners["eager"].finalize()
-    hooks = [(m._forward_hooks, m._forward_pre_hooks) for m in models["eager"].modules()]
-    assert not any(post or pre for post, pre in hooks), "finalize takes the hooks off"
+    assert type(experts_module).__name__ == "MixtralExperts", "finalize leaves the plain class"
+    counted_by_report = {row.name: row.sparsity for row in state_dict_sparsity(model.state_dict()).layers}  # `pdprune report`
+    assert counted_by_report["model.layers.1.mlp.experts.down_proj"] > 0.5
 
 
 def test_experts_are_a_layer_type_of_their_own_that_module_types_can_leave_out():
@@ -188,6 +213,11 @@ def test_experts_are_a_layer_type_of_their_own_that_module_types_can_leave_out()
 
     with pytest.raises(ValueError, match="layer type name 'Experts' is taken by Hugging Face's mixture-of-experts modules"):
         pdprune.register_layer_type("Experts", torch.nn.Bilinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the router, of no layer type pdprune knows, is left dense without a warning
+        pruner = PDPPruner(_mixtral("grouped_mm"), PruningConfig(sparsity=0.5))
+    assert pruner.report().skipped["model.layers.0.mlp.gate"].startswith("the router of a mixture of experts")
+    pruner.detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = PDPPruner(_mixtral("grouped_mm"), PruningConfig(sparsity=0.5, module_types=("Linear",)))

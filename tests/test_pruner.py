@@ -447,6 +447,8 @@ def test_a_refused_lora_model_gets_the_refusal_alone():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="no prunable layer selected"):
             PDPPruner(model, PruningConfig(sparsity=0.5, exclude=("*",)))
+        with pytest.raises(ValueError, match="nothing left to prune"):  # refused later, when the masks are built
+            PDPPruner(nn.Sequential(_LoraLinear(6, 6), nn.Linear(6, 2)), PruningConfig(structure="2:4"))
 
 
 class _SelfAttention(nn.Module):
@@ -619,6 +621,9 @@ def test_a_lazy_layer_not_yet_run_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"1.weight of the LazyLinear has no shape yet .*run the model once on a batch"):
         PDPPruner(model)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    left_out = PDPPruner(model, PruningConfig(exclude=("1",)))
+    assert left_out.tensor_names == ["0.weight"], "a lazy layer left out is no obstacle"
+    left_out.detach()
     model(torch.randn(1, 4))
     assert sorted(PDPPruner(model).tensor_names) == ["0.weight", "1.weight"]
 

@@ -192,6 +192,25 @@ COMPACTED_PARAMETERS = {
 }
 
 
+class _WithOddParameters(nn.Module):
+    """A frozen -inf logit bias and a float8 scale beside two prunable layers: the exactness check moves
+    parameters a little, and must leave what has no arithmetic or no finite value alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.logit_bias = nn.Parameter(torch.tensor([-float("inf"), 0.0, 0.0, 0.0]), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(8).to(torch.float8_e4m3fn), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc2(torch.relu(self.fc1(x * self.scale.float()))) + self.logit_bias, dim=-1)
+
+
+def test_channels_of_a_model_with_infinite_and_float8_parameters_prune():
+    pruner = PDPPruner(_WithOddParameters(), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(4, 8))
+    assert list(pruner.units) == ["fc1"]
+
+
 @pytest.mark.parametrize("name,build,shape", [("tiny_resnet", TinyResNet, (2, 3, 8, 8)),
                                               ("mobilenet_v1", lambda: build_model("mobilenet_v1", (3, 32, 32), 10), (2, 3, 32, 32)),
                                               ("resnet20", lambda: build_model("resnet20", (3, 32, 32), 10), (2, 3, 32, 32))])
@@ -406,10 +425,12 @@ def test_a_layer_whose_channels_are_the_model_s_outputs_is_left_dense_with_the_r
     with pytest.warns(UserWarning, match=r"'2': \"Torch-Pruning's graph gives its output channels no group: they are outputs of the model"):
         pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
     assert sorted(pruner.units) == ["0"] and "channel group 2" in pruner.report().skipped
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"nothing left to prune: channel group 0: Torch-Pruning's graph gives its output channels no group"):
-        PDPPruner(nn.Sequential(nn.Linear(8, 4)), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"nothing left to prune: channel group \(the model\): Torch-Pruning"):
-        PDPPruner(nn.Linear(8, 4), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused: the error says it all, no warning before it
+        with pytest.raises(ValueError, match=r"nothing left to prune: channel group 0: Torch-Pruning's graph gives its output channels no group"):
+            PDPPruner(nn.Sequential(nn.Linear(8, 4)), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+        with pytest.raises(ValueError, match=r"nothing left to prune: channel group \(the model\): Torch-Pruning"):
+            PDPPruner(nn.Linear(8, 4), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
 
 
 def test_a_layer_under_weight_norm_keeps_it_and_the_channels_it_reads_stay_dense():
@@ -601,7 +622,7 @@ class _SummedIntoLayerNorm(nn.Module):
 
 
 def test_a_group_left_dense_names_all_its_layers_and_the_one_that_keeps_it():
-    with pytest.warns(UserWarning, match="channel groups left dense"), pytest.raises(ValueError, match="nothing left to prune") as caught:
+    with pytest.raises(ValueError, match="nothing left to prune") as caught:
         PDPPruner(_SummedIntoLayerNorm(), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
     assert "the coupled layer 'norm' (LayerNorm) is not one whose channels pdprune removes" in str(caught.value)
     assert "(the group's other layers: ['right'])" in str(caught.value)

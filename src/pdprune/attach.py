@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils.hooks import RemovableHandle
 
 from pdprune.config import PruningConfig, parse_structure
-from pdprune.layers import EXPERTS, LayerType, is_lora_layer, layer_type_of, layer_types
+from pdprune.layers import EXPERTS, LayerType, hugging_face_experts, is_lora_layer, layer_type_of, layer_types
 from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
@@ -30,13 +29,13 @@ __all__ = ["Attached", "attach", "check_finite", "qualified_name"]
 @dataclass
 class Attached:
     """What `attach` registered: the pruning units, every parametrized tensor, channel-group members,
-    and the hooks that go with the masks (`cache_per_forward`)."""
+    and the per-forward caches of masked tensors (`cache_per_forward`)."""
 
     units: dict[str, MaskState]
     tensors: dict[str, tuple[nn.Module, str]]
     group_members: dict[str, dict[str, Tensor]]
     skipped: dict[str, str]
-    hooks: list[RemovableHandle]
+    caches: list[CachedForward]
 
 
 def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) -> Attached:
@@ -47,12 +46,16 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
             meta weights, an attached pruner or another parametrization already, an impossible
             structure or layout, example inputs the model rejects; the model is left untouched.
     """
-    selected, skipped = _select_modules(model, config)
-    check_finite({tensor_name: getattr(module, attribute) for tensor_name, (_, module, attribute) in _tensors_of(selected).items()})
-    units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
-    if not units:
-        reasons = [f"{name}: {why}" for name, why in (incompatible | skipped).items()]
-        raise ValueError(f"nothing left to prune: {'; '.join(reasons[:8])}{f'; and {len(reasons) - 8} more' if len(reasons) > 8 else ''}")
+    with warnings.catch_warnings(record=True) as said:  # a refused model hears only why; the rest is said before registering
+        warnings.simplefilter("always")
+        selected, skipped = _select_modules(model, config)
+        check_finite({tensor_name: getattr(module, attribute) for tensor_name, (_, module, attribute) in _tensors_of(selected).items()})
+        units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
+        if not units:
+            reasons = [f"{name}: {why}" for name, why in (incompatible | skipped).items()]
+            raise ValueError(f"nothing left to prune: {'; '.join(reasons[:8])}{f'; and {len(reasons) - 8} more' if len(reasons) > 8 else ''}")
+    for warning in said:  # under the caller's filters (one that makes warnings errors raises here, nothing attached)
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     tensors = _register(registrations)
     _declare_shared_names(model)
     group_members: dict[str, dict[str, Tensor]] = {}
@@ -63,31 +66,33 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     return Attached(units, tensors, group_members, skipped | incompatible, cache_per_forward(experts.values()))
 
 
-class _CachedForward:
-    """Forward hooks that run a module's forward inside `parametrize.cached()`."""
+class CachedForward:
+    """Runs a parametrized module's forward inside `parametrize.cached()`: set as `forward` of the class that
+    parametrize made for that module alone (a `with` block, so that even a KeyboardInterrupt leaves the
+    cache off; deep copies share the class). `remove()` takes it off again."""
 
-    def __init__(self) -> None:
-        self.contexts: list[Any] = []
+    def __init__(self, module: nn.Module) -> None:
+        self.cls = cls = type(module)
 
-    def enter(self, module: nn.Module, args: Any) -> None:
-        if not torch.compiler.is_compiling():  # compiled, the graph computes each masked tensor once anyway
-            self.contexts.append(parametrize.cached())
-            self.contexts[-1].__enter__()
+        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            inherited = super(cls, module).forward
+            if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tracing cannot cache (compiled: see the guide)
+                return inherited(*args, **kwargs)
+            with parametrize.cached():
+                return inherited(*args, **kwargs)
 
-    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.compiler.is_compiling() and self.contexts:
-            self.contexts.pop().__exit__(None, None, None)
+        cls.forward = forward
+
+    def remove(self) -> None:
+        if "forward" in vars(self.cls):
+            del self.cls.forward
 
 
-def cache_per_forward(modules: Iterable[nn.Module]) -> list[RemovableHandle]:
-    """Compute each masked tensor of `modules` once per forward pass of the module. Hugging Face's experts
-    run eagerly read their 3-D weights once per expert (`gate_up_proj[expert]`), and every read would
-    compute the whole masked tensor: E times the mask's time and memory."""
-    handles = []
-    for module in modules:
-        hook = _CachedForward()
-        handles += [module.register_forward_pre_hook(hook.enter), module.register_forward_hook(hook.exit, always_call=True)]
-    return handles
+def cache_per_forward(modules: Iterable[nn.Module]) -> list[CachedForward]:
+    """Compute each masked tensor of `modules` (parametrized already) once per forward pass of the module.
+    Hugging Face's experts run eagerly read their 3-D weights once per expert (`gate_up_proj[expert]`), and
+    every read would compute the whole masked tensor: E times the mask's time and memory."""
+    return [CachedForward(module) for module in modules]
 
 
 def qualified_name(module_name: str, attribute: str) -> str:
@@ -117,7 +122,8 @@ def _weight_bearing(module: nn.Module) -> list[str]:
     """Names of the module's own Parameters that look like weights: two or more dimensions (a matrix, a
     filter bank), the first over more than one entry (a ViT's class token and position embedding,
     (1, ..., width), broadcast over the batch, are no layer's weight)."""
-    return [name for name, parameter in module.named_parameters(recurse=False) if parameter.dim() >= 2 and parameter.shape[0] > 1]
+    return [name for name, parameter in module.named_parameters(recurse=False)
+            if not nn.parameter.is_lazy(parameter) and parameter.dim() >= 2 and parameter.shape[0] > 1]
 
 
 def _lora_adapters(model: nn.Module) -> set[str]:
@@ -131,6 +137,22 @@ def _lora_adapters(model: nn.Module) -> set[str]:
     return adapters
 
 
+def _expert_routers(model: nn.Module) -> set[str]:
+    """Modules beside Hugging Face's experts (`hugging_face_experts`) whose weight has a row per expert."""
+    routers = set()
+    for name, module in model.named_modules():
+        layout = hugging_face_experts(module)
+        if layout is None:
+            continue
+        experts = getattr(module, layout.tensors_of(module)[0]).shape[0]
+        parent = name.rpartition(".")[0]
+        for sibling, child in model.get_submodule(parent).named_children():
+            weight = getattr(child, "weight", None)
+            if child is not module and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == experts:
+                routers.add(qualified_name(parent, sibling))
+    return routers
+
+
 def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Module name -> module for every layer the config selects, and every weight-bearing module left
     out -> why. Errors name the pattern or the problem."""
@@ -140,7 +162,6 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
         _refuse_attached(name, module)
-        _refuse_uninitialized(name, module)
         layer_type = layer_type_of(module, known)
         if layer_type is not None and layer_type.name in wanted:
             candidates[name] = module  # one without a weight tensor is refused below, unless include/exclude leave it out
@@ -149,6 +170,9 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
                    "pdprune.register_layer_type and add it to module_types" if layer_type is None else
                    f"its layer type {layer_type.name!r} is not in module_types {list(config.module_types)}")
             skipped[name] = why
+    for name in _expert_routers(model) & skipped.keys():
+        skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense "
+                         "(pdprune.register_layer_type would let it be pruned)")
     for pattern in (*config.include, *config.exclude, *config.layer_structures):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
             raise ValueError(
@@ -169,6 +193,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             selected[name] = module
     reparametrized = {}
     for name, module in selected.items():
+        _refuse_uninitialized(name, module)
         _refuse_unusable_weight(name, module, layer_type_of(module, known))
         reparametrized |= _computed_elsewhere(name, module, layer_type_of(module, known))
     if reparametrized and config.on_incompatible == "error":

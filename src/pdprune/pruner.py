@@ -21,10 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.hooks import RemovableHandle
 
 from pdprune._version import __version__
-from pdprune.attach import attach, check_finite, qualified_name
+from pdprune.attach import CachedForward, attach, check_finite, qualified_name
 from pdprune.config import PruningConfig
 from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
 from pdprune.model_io import has_batchnorm
@@ -108,7 +107,7 @@ class PDPPruner:
         orders = {id(module): list(module._parameters) for module in model.modules()}
         attached = attach(model, self.config, example_inputs)
         self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
-        self._hooks = attached.hooks
+        self._caches = attached.caches
         self._parameter_orders = [(module, orders[id(module)]) for module in {id(m): m for m, _ in self._tensors.values()}.values()]
         try:  # the masks are on the model now: any failure before the pruner exists takes them off again
             self.units, self.skipped = attached.units, attached.skipped
@@ -118,7 +117,7 @@ class PDPPruner:
             self._optimizer_steps_seen = _OPTIMIZER_STEPS
             self._update_sparsities()
         except BaseException:
-            _remove_masks(self._tensors, self._parameter_orders, self._hooks)
+            _remove_masks(self._tensors, self._parameter_orders, self._caches)
             raise
         self._load_hook = model.register_load_state_dict_post_hook(_RefreshAfterLoading(self))
         global _OPTIMIZER_HOOK
@@ -293,7 +292,7 @@ class PDPPruner:
             )
         baked = self._baked()
         cleared = self._cleared(baked)
-        _remove_masks(self._tensors, self._parameter_orders, self._hooks)
+        _remove_masks(self._tensors, self._parameter_orders, self._caches)
         with torch.no_grad():
             for name, (module, tensor_name) in self._tensors.items():
                 getattr(module, tensor_name).copy_(baked[name])
@@ -386,7 +385,7 @@ class PDPPruner:
     def detach(self) -> nn.Module:
         """Remove the soft masks and restore the dense weights, as if the pruner had never been attached."""
         self._check_attached("detach()")
-        _remove_masks(self._tensors, self._parameter_orders, self._hooks)
+        _remove_masks(self._tensors, self._parameter_orders, self._caches)
         self.finalized = True
         _ATTACHED.discard(self)
         self._load_hook.remove()
@@ -559,12 +558,12 @@ def _check_config(config: Any) -> None:
     raise TypeError(f"config must be a PruningConfig or None, got {type(config).__name__} {config!r}; {fix}")
 
 
-def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tuple[nn.Module, list[str]]], hooks: list[RemovableHandle]) -> None:
-    """Remove the parametrizations registered on `tensors` and the `hooks` that serve them, putting back the
+def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tuple[nn.Module, list[str]]], caches: list[CachedForward]) -> None:
+    """Remove the parametrizations registered on `tensors` and the `caches` that serve them, putting back the
     dense Parameters they wrapped in each module's order from before (`orders`), so that `state_dict()`
     lists its keys as it did."""
-    for hook in hooks:
-        hook.remove()
+    for cache in caches:
+        cache.remove()
     for module, tensor_name in tensors.values():
         if parametrize.is_parametrized(module, tensor_name):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)

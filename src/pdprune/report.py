@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from pdprune.layers import DEFAULT_MODULE_TYPES, layer_type_of, layer_types
+from pdprune.layers import DEFAULT_MODULE_TYPES, EXPERT_TENSORS, layer_type_of, layer_types
 
 __all__ = ["LayerSparsity", "GroupSparsity", "SparsityReport", "model_sparsity", "state_dict_sparsity", "plot_sparsity"]
 
@@ -138,11 +138,13 @@ def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = DEFAULT_MOD
 
 
 def state_dict_sparsity(state_dict: dict) -> SparsityReport:
-    """Exact zeros of every weight matrix or filter bank (`*.weight` with 2+ dimensions) of a state_dict."""
+    """Exact zeros of every weight matrix or filter bank of a state_dict: `*.weight` with 2+ dimensions,
+    and the 3-D matrices of Hugging Face's experts (`*.gate_up_proj`, `*.up_proj`, `*.down_proj`)."""
     layers = [
         LayerSparsity(name, "-", tensor.numel(), int((tensor == 0).sum()))
         for name, tensor in state_dict.items()
-        if name.endswith("weight") and getattr(tensor, "dim", lambda: 0)() >= 2
+        if (name.endswith("weight") and getattr(tensor, "dim", lambda: 0)() >= 2)
+        or (name.rpartition(".")[2] in EXPERT_TENSORS and getattr(tensor, "dim", lambda: 0)() == 3)
     ]
     return SparsityReport(tuple(layers))
 

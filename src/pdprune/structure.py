@@ -388,13 +388,18 @@ def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: E
 
 
 def _perturb(model: nn.Module) -> None:
-    """Move every floating-point parameter by a few percent of its scale, with a fixed seed."""
-    generator = torch.Generator().manual_seed(1)
+    """Move every finite entry of the floating-point parameters by a few percent of their scale, with a
+    fixed seed (float8 and other storage formats without arithmetic stay as they are)."""
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.is_floating_point() and parameter.numel():
-                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32).to(parameter.device, parameter.dtype)
-                parameter.add_(noise * 0.05 * (parameter.abs().mean() + 1e-2))
+            if parameter.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or not parameter.numel():
+                continue
+            generator = generators.setdefault(parameter.device, torch.Generator(parameter.device).manual_seed(1))
+            finite = parameter.isfinite()
+            scale = parameter.abs().where(finite, 0).sum() / finite.sum().clamp(min=1) + 1e-2
+            noise = torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+            parameter.add_((noise * 0.05 * scale).where(finite, 0))
 
 
 def _copy(model: nn.Module) -> nn.Module:
