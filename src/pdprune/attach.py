@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pdprune.config import PruningConfig, parse_structure
-from pdprune.layers import EXPERTS, LayerType, hugging_face_experts, is_lora_layer, layer_type_of, layer_types
+from pdprune.layers import LayerType, hugging_face_experts, is_lora_layer, layer_type_of, layer_types
 from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
@@ -62,7 +62,7 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
     for tensor, _, _, mask in registrations:
         if isinstance(mask, ChannelMask):
             group_members.setdefault(mask.group.name, {})[tensor] = mask.positions[:, 0]
-    experts = {id(module): module for module, _ in tensors.values() if getattr(layer_type_of(module), "name", None) == EXPERTS}
+    experts = {id(module): module for module, _ in tensors.values() if hugging_face_experts(module) is not None}
     return Attached(units, tensors, group_members, skipped | incompatible, cache_per_forward(experts.values()))
 
 

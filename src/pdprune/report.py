@@ -140,12 +140,11 @@ def model_sparsity(model: nn.Module, module_types: tuple[str, ...] = DEFAULT_MOD
 def state_dict_sparsity(state_dict: dict) -> SparsityReport:
     """Exact zeros of every weight matrix or filter bank of a state_dict: `*.weight` with 2+ dimensions,
     and the 3-D matrices of Hugging Face's experts (`*.gate_up_proj`, `*.up_proj`, `*.down_proj`)."""
-    layers = [
-        LayerSparsity(name, "-", tensor.numel(), int((tensor == 0).sum()))
-        for name, tensor in state_dict.items()
-        if (name.endswith("weight") and getattr(tensor, "dim", lambda: 0)() >= 2)
-        or (name.rpartition(".")[2] in EXPERT_TENSORS and getattr(tensor, "dim", lambda: 0)() == 3)
-    ]
+    def counted(name: str, tensor) -> bool:
+        dims = getattr(tensor, "dim", lambda: 0)()
+        return (name.endswith("weight") and dims >= 2) or (name.rpartition(".")[2] in EXPERT_TENSORS and dims == 3)
+
+    layers = [LayerSparsity(name, "-", tensor.numel(), int((tensor == 0).sum())) for name, tensor in state_dict.items() if counted(name, tensor)]
     return SparsityReport(tuple(layers))
 
 
