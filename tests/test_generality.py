@@ -224,6 +224,26 @@ def test_experts_are_a_layer_type_of_their_own_that_module_types_can_leave_out()
     assert "its layer type 'Experts' is not in module_types ['Linear']" in pruner.report().skipped["model.layers.0.mlp.experts"]
 
 
+@pytest.mark.parametrize("architecture, router", [("phimoe", "mlp.router"), ("hunyuan_v1_moe", "mlp.gate.wg")])
+def test_a_router_that_is_an_nn_linear_nested_or_not_stays_dense_unless_include_names_it(architecture, router):
+    """PhiMoE's router is an nn.Linear beside the experts, Hunyuan's one inside its gate module: prunable
+    layers, yet routers all the same."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        architecture, **TEXT, num_key_value_heads=2, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+        moe_topk=2, head_dim=8, pad_token_id=0))
+    router = f"model.layers.0.{router}"
+    assert isinstance(model.get_submodule(router), torch.nn.Linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5))
+        assert pruner.report().skipped[router].startswith("the router of a mixture of experts")
+        assert "model.layers.0.mlp.experts.down_proj" in pruner.tensor_names
+        pruner.detach()
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, include=(router, "*experts")))
+    assert f"{router}.weight" in pruner.tensor_names
+
+
 # --- bad input: a specific error naming the module and the fix, nothing modified ---------------------
 
 

@@ -138,18 +138,21 @@ def _lora_adapters(model: nn.Module) -> set[str]:
 
 
 def _expert_routers(model: nn.Module) -> set[str]:
-    """Modules beside Hugging Face's experts (`hugging_face_experts`) whose weight has a row per expert."""
+    """Modules inside the block that holds Hugging Face's experts (`hugging_face_experts`), nested or not,
+    whose 2-D weight has a row per expert: the routers (an nn.Linear for PhiMoE, Llama 4 and AFMoE, a
+    class of the model's own elsewhere)."""
     routers = set()
     for name, module in model.named_modules():
         layout = hugging_face_experts(module)
         if layout is None:
             continue
         experts = getattr(module, layout.tensors_of(module)[0]).shape[0]
-        parent = name.rpartition(".")[0]
-        for sibling, child in model.get_submodule(parent).named_children():
+        block = name.rpartition(".")[0]
+        inside_experts = {id(m) for m in module.modules()}
+        for member, child in model.get_submodule(block).named_modules():
             weight = getattr(child, "weight", None)
-            if child is not module and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == experts:
-                routers.add(qualified_name(parent, sibling))
+            if id(child) not in inside_experts and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == experts:
+                routers.add(qualified_name(block, member))
     return routers
 
 
@@ -170,7 +173,8 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
                    "pdprune.register_layer_type and add it to module_types" if layer_type is None else
                    f"its layer type {layer_type.name!r} is not in module_types {list(config.module_types)}")
             skipped[name] = why
-    for name in _expert_routers(model) & skipped.keys():
+    routers = _expert_routers(model)
+    for name in routers & skipped.keys():
         skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense "
                          "(pdprune.register_layer_type would let it be pruned)")
     for pattern in (*config.include, *config.exclude, *config.layer_structures):
@@ -187,6 +191,9 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
                              "lowers its rank; pdprune prunes the base layer")
         elif config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             skipped[name] = "not matched by include"
+        elif name in routers and not config.include:
+            skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense "
+                             "(name it in include to prune it)")
         elif any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             skipped[name] = "matched by exclude"
         else:
