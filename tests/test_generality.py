@@ -204,6 +204,11 @@ def test_experts_run_eagerly_compute_each_masked_tensor_once_per_forward_and_as_
         pruners["eager"].step()
     pruners["eager"].finalize()
     assert type(experts_module).__name__ == "MixtralExperts", "finalize leaves the plain class"
+    monkeypatch.setattr(UnstructuredMask, "forward", counted)
+    computed.clear()
+    _outputs(copied, batch)
+    assert set(computed.values()) == {1}, "the copy taken during training keeps its masks and cache"
+    monkeypatch.undo()
     counted_by_report = {row.name: row.sparsity for row in state_dict_sparsity(model.state_dict()).layers}  # `pdprune report`
     assert counted_by_report["model.layers.1.mlp.experts.down_proj"] > 0.5
 
@@ -242,6 +247,22 @@ def test_a_router_that_is_an_nn_linear_nested_or_not_stays_dense_unless_include_
         pruner.detach()
         pruner = PDPPruner(model, PruningConfig(sparsity=0.5, include=(router, "*experts")))
     assert f"{router}.weight" in pruner.tensor_names
+
+
+def test_a_layer_shaped_like_a_router_is_pruned_and_a_broad_include_leaves_routers_dense():
+    """A router is a gate or router with a row per expert: the shared expert's layers of the same shape
+    (an intermediate size equal to the number of experts) are pruned; `include` that matches every layer
+    does not name the router."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2_moe", **TEXT, num_key_value_heads=2, moe_intermediate_size=16, shared_expert_intermediate_size=8,
+        num_experts=8, num_experts_per_tok=2, pad_token_id=0))
+    assert model.model.layers[0].mlp.shared_expert.gate_proj.weight.shape == model.model.layers[0].mlp.gate.weight.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, include=("model.*",)))
+    assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in pruner.tensor_names
+    assert [name for name, why in pruner.report().skipped.items() if why.startswith("the router")] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
 
 # --- bad input: a specific error naming the module and the fix, nothing modified ---------------------

@@ -749,3 +749,36 @@ def test_a_registered_layer_type_without_a_weight_is_refused_naming_the_module(m
     _assert_untouched(model, before)
     pruner = PDPPruner(model, PruningConfig(module_types=("Linear", "LSTM"), exclude=("0",)))  # the way out the message names
     assert pruner.tensor_names == ["1.weight"] and pruner.report().skipped == {"0": "matched by exclude"}
+
+
+@pytest.mark.parametrize("end", ["finalize", "detach"])
+def test_a_copy_taken_during_training_outlives_the_pruner(end):
+    """An EMA model or a snapshot (copy.deepcopy) shares the class parametrize made: taking the masks off the
+    original must leave the copy its weights and masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=0)))
+    snapshot = copy.deepcopy(model)
+    inputs = torch.randn(4, 8)
+    expected = snapshot(inputs)
+    getattr(pruner, end)()
+    assert not parametrize.is_parametrized(model[0]) and parametrize.is_parametrized(snapshot[0])
+    torch.testing.assert_close(snapshot(inputs), expected)
+
+
+def test_warnings_come_from_the_caller_s_line_under_its_filters():
+    """module= filters match the caller's module, and the default action says a warning once per line."""
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 4))  # Bilinear: of no layer type pdprune knows
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.resetwarnings()
+        warnings.filterwarnings("ignore", module=__name__)
+        PDPPruner(build()).detach()
+    assert said == []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(2):
+            PDPPruner(build()).detach()
+    assert len(said) == 1 and said[0].filename == __file__

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pdprune.config import PruningConfig, parse_structure
-from pdprune.layers import LayerType, hugging_face_experts, is_lora_layer, layer_type_of, layer_types
+from pdprune.layers import EXPERT_TENSORS, LayerType, hugging_face_experts, is_lora_layer, layer_type_of, layer_types
 from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, MaskState, NMMask, SoftMask, UnstructuredMask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
@@ -28,14 +28,12 @@ __all__ = ["Attached", "attach", "check_finite", "qualified_name"]
 
 @dataclass
 class Attached:
-    """What `attach` registered: the pruning units, every parametrized tensor, channel-group members,
-    and the per-forward caches of masked tensors (`cache_per_forward`)."""
+    """What `attach` registered: the pruning units, every parametrized tensor, and channel-group members."""
 
     units: dict[str, MaskState]
     tensors: dict[str, tuple[nn.Module, str]]
     group_members: dict[str, dict[str, Tensor]]
     skipped: dict[str, str]
-    caches: list[CachedForward]
 
 
 def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) -> Attached:
@@ -46,53 +44,52 @@ def attach(model: nn.Module, config: PruningConfig, example_inputs: Any = None) 
             meta weights, an attached pruner or another parametrization already, an impossible
             structure or layout, example inputs the model rejects; the model is left untouched.
     """
-    with warnings.catch_warnings(record=True) as said:  # a refused model hears only why; the rest is said before registering
-        warnings.simplefilter("always")
-        selected, skipped = _select_modules(model, config)
-        check_finite({tensor_name: getattr(module, attribute) for tensor_name, (_, module, attribute) in _tensors_of(selected).items()})
-        units, registrations, incompatible = _build_units(model, selected, config, example_inputs)
-        if not units:
-            reasons = [f"{name}: {why}" for name, why in (incompatible | skipped).items()]
-            raise ValueError(f"nothing left to prune: {'; '.join(reasons[:8])}{f'; and {len(reasons) - 8} more' if len(reasons) > 8 else ''}")
-    for warning in said:  # under the caller's filters (one that makes warnings errors raises here, nothing attached)
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    said: list[str] = []  # warned of once the checks pass: a refused model hears only why
+    selected, skipped = _select_modules(model, config, said)
+    check_finite({tensor_name: getattr(module, attribute) for tensor_name, (_, module, attribute) in _tensors_of(selected).items()})
+    units, registrations, incompatible = _build_units(model, selected, config, example_inputs, said)
+    if not units:
+        reasons = [f"{name}: {why}" for name, why in (incompatible | skipped).items()]
+        raise ValueError(f"nothing left to prune: {'; '.join(reasons[:8])}{f'; and {len(reasons) - 8} more' if len(reasons) > 8 else ''}")
+    for message in said:  # from the caller's line; a filter that makes warnings errors raises here, nothing attached
+        warnings.warn(message, stacklevel=3)
     tensors = _register(registrations)
     _declare_shared_names(model)
     group_members: dict[str, dict[str, Tensor]] = {}
     for tensor, _, _, mask in registrations:
         if isinstance(mask, ChannelMask):
             group_members.setdefault(mask.group.name, {})[tensor] = mask.positions[:, 0]
-    experts = {id(module): module for module, _ in tensors.values() if hugging_face_experts(module) is not None}
-    return Attached(units, tensors, group_members, skipped | incompatible, cache_per_forward(experts.values()))
+    cache_per_forward({id(module): module for module, _ in tensors.values() if hugging_face_experts(module) is not None}.values())
+    return Attached(units, tensors, group_members, skipped | incompatible)
 
 
-class CachedForward:
-    """Runs a parametrized module's forward inside `parametrize.cached()`: set as `forward` of the class that
-    parametrize made for that module alone (a `with` block, so that even a KeyboardInterrupt leaves the
-    cache off; deep copies share the class). `remove()` takes it off again."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.cls = cls = type(module)
-
-        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            inherited = super(cls, module).forward
-            if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tracing cannot cache (compiled: see the guide)
-                return inherited(*args, **kwargs)
-            with parametrize.cached():
-                return inherited(*args, **kwargs)
-
-        cls.forward = forward
-
-    def remove(self) -> None:
-        if "forward" in vars(self.cls):
-            del self.cls.forward
-
-
-def cache_per_forward(modules: Iterable[nn.Module]) -> list[CachedForward]:
+def cache_per_forward(modules: Iterable[nn.Module]) -> None:
     """Compute each masked tensor of `modules` (parametrized already) once per forward pass of the module.
     Hugging Face's experts run eagerly read their 3-D weights once per expert (`gate_up_proj[expert]`), and
-    every read would compute the whole masked tensor: E times the mask's time and memory."""
-    return [CachedForward(module) for module in modules]
+    every read would compute the whole masked tensor: E times the mask's time and memory. The forward is set
+    on the class parametrize made for the module, and goes with it when the masks are removed."""
+    for module in modules:
+        type(module).forward = _forward_with_cache
+
+
+def _forward_with_cache(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    inherited = type(module).__bases__[0].forward  # the model's class, under parametrize's
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tracing cannot cache (compiled: see the guide)
+        return inherited(module, *args, **kwargs)
+    with parametrize.cached():  # a with-block: even a KeyboardInterrupt leaves the cache off
+        return inherited(module, *args, **kwargs)
+
+
+def remove_parametrizations(module: nn.Module, tensor_names: Iterable[str]) -> None:
+    """Remove the parametrizations of `tensor_names` from `module`, leaving the tensors they wrap. First the
+    module gets a class of its own: deep copies of a parametrized module (an EMA model, a snapshot taken
+    during training) share its class, and removing a parametrization deletes the class's property, which
+    would leave every copy without its tensor."""
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(vars(cls)))
+    for tensor_name in tensor_names:
+        if parametrize.is_parametrized(module, tensor_name):
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
 
 
 def qualified_name(module_name: str, attribute: str) -> str:
@@ -137,28 +134,40 @@ def _lora_adapters(model: nn.Module) -> set[str]:
     return adapters
 
 
-def _expert_routers(model: nn.Module) -> set[str]:
-    """Modules inside the block that holds Hugging Face's experts (`hugging_face_experts`), nested or not,
-    whose 2-D weight has a row per expert: the routers (an nn.Linear for PhiMoE, Llama 4 and AFMoE, a
-    class of the model's own elsewhere)."""
+ROUTER_NAMES = frozenset({"gate", "router"})
+
+
+def _is_router(path: str, module: nn.Module, experts: int, width: int) -> bool:
+    """Whether `module`, at `path` inside a block of experts, is their router: a weight with a row per
+    expert over the experts' inputs, in a module named or typed as a gate or router (Gemma 4's
+    `router.proj`, Hunyuan's `gate.wg`). A shared expert's or an attention's layer of that shape is not."""
+    weight = getattr(module, "weight", None)
+    named = bool(ROUTER_NAMES & set(path.split("."))) or type(module).__name__.endswith(("Router", "Gate"))
+    return named and isinstance(weight, Tensor) and tuple(weight.shape) == (experts, width)
+
+
+def _expert_routers(model: nn.Module, known: dict[str, LayerType]) -> set[str]:
+    """The routers (`_is_router`) of a mixture's experts in the block that holds them: a class of the
+    model's own or an nn.Linear (PhiMoE, AFMoE, Hunyuan). Experts are Hugging Face's (`hugging_face_experts`)
+    or a layer type declared over their 3-D tensors (Llama 4's, registered by the user)."""
     routers = set()
     for name, module in model.named_modules():
-        layout = hugging_face_experts(module)
-        if layout is None:
+        layout = layer_type_of(module, known)
+        tensors = layout.tensors_of(module) if layout is not None else []
+        weights = [getattr(module, tensor) for tensor in tensors]
+        if not tensors or not set(tensors) <= set(EXPERT_TENSORS) or any(weight.dim() != 3 for weight in weights):
             continue
-        experts = getattr(module, layout.tensors_of(module)[0]).shape[0]
         block = name.rpartition(".")[0]
         inside_experts = {id(m) for m in module.modules()}
-        for member, child in model.get_submodule(block).named_modules():
-            weight = getattr(child, "weight", None)
-            if id(child) not in inside_experts and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == experts:
-                routers.add(qualified_name(block, member))
+        for path, child in model.get_submodule(block).named_modules():
+            if id(child) not in inside_experts and _is_router(path, child, weights[0].shape[0], weights[0].shape[layout.input_dim]):
+                routers.add(qualified_name(block, path))
     return routers
 
 
-def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _select_modules(model: nn.Module, config: PruningConfig, said: list[str]) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Module name -> module for every layer the config selects, and every weight-bearing module left
-    out -> why. Errors name the pattern or the problem."""
+    out -> why; warnings go to `said`. Errors name the pattern or the problem."""
     known = layer_types()
     wanted = set(config.module_types)
     candidates: dict[str, nn.Module] = {}
@@ -173,10 +182,13 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
                    "pdprune.register_layer_type and add it to module_types" if layer_type is None else
                    f"its layer type {layer_type.name!r} is not in module_types {list(config.module_types)}")
             skipped[name] = why
-    routers = _expert_routers(model)
+    routers = _expert_routers(model, known)
     for name in routers & skipped.keys():
-        skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense "
-                         "(pdprune.register_layer_type would let it be pruned)")
+        skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense (to prune it, "
+                         "declare its type with pdprune.register_layer_type, add it to module_types, and name it in include)")
+    others = candidates.keys() - routers
+    routers_named = {name for name in routers for p in config.include
+                     if fnmatch.fnmatchcase(name, p) and not any(fnmatch.fnmatchcase(other, p) for other in others)}
     for pattern in (*config.include, *config.exclude, *config.layer_structures):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
             raise ValueError(
@@ -191,9 +203,9 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
                              "lowers its rank; pdprune prunes the base layer")
         elif config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             skipped[name] = "not matched by include"
-        elif name in routers and not config.include:
+        elif name in routers and name not in routers_named:
             skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense "
-                             "(name it in include to prune it)")
+                             "(an include pattern that matches routers alone prunes it)")
         elif any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             skipped[name] = "matched by exclude"
         else:
@@ -212,7 +224,7 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
         skipped[tensor_name] = f"its shape {shape} holds no elements: nothing to prune"
     selected = {name: module for name, module in selected.items() if _tensors_of({name: module})}
     if reparametrized:
-        warnings.warn(f"left dense: {sorted(reparametrized)} (another parametrization or a hook computes them; pruner.report() says why)", stacklevel=4)
+        said.append(f"left dense: {sorted(reparametrized)} (another parametrization or a hook computes them; pruner.report() says why)")
     if empty and not selected:
         raise ValueError(
             f"nothing to prune: every selected weight holds no elements ({', '.join(f'{n} has shape {s}' for n, s in empty.items())}); "
@@ -227,21 +239,16 @@ def _select_modules(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
             + "; pass module_types=... or change include/exclude"
         )
     if empty:
-        warnings.warn(f"left dense: {sorted(empty)} (no elements; pruner.report() says why)", stacklevel=4)
+        said.append(f"left dense: {sorted(empty)} (no elements; pruner.report() says why)")
     unknown_types = sorted({type(model.get_submodule(n)).__name__ for n, why in skipped.items() if "not a prunable layer type" in why})
     if unknown_types:
-        warnings.warn(
-            f"left dense, not a layer type pdprune knows: modules of type {unknown_types} "
-            "(pruner.report() lists them; pdprune.register_layer_type declares one)",
-            stacklevel=4,
-        )
+        said.append(f"left dense, not a layer type pdprune knows: modules of type {unknown_types} "
+                    "(pruner.report() lists them; pdprune.register_layer_type declares one)")
     if adapters:
-        warnings.warn(
+        said.append(
             "the model carries LoRA adapters: pdprune prunes their base layers and leaves the adapters dense, but merging them "
             "(merge_and_unload) adds their dense update to the pruned weights and undoes the pruning. Keep them unmerged, or "
-            "merge them before pruning and fine-tune the whole model (a frozen base layer's mask follows its magnitudes only)",
-            stacklevel=4,
-        )
+            "merge them before pruning and fine-tune the whole model (a frozen base layer's mask follows its magnitudes only)")
     return selected, skipped
 
 
@@ -317,9 +324,10 @@ Registration = tuple[str, nn.Module, str, nn.Module]  # (tensor name, module, "w
 
 
 def _build_units(
-    model: nn.Module, selected: dict[str, nn.Module], config: PruningConfig, example_inputs: Any
+    model: nn.Module, selected: dict[str, nn.Module], config: PruningConfig, example_inputs: Any, said: list[str]
 ) -> tuple[dict[str, MaskState], list[Registration], dict[str, str]]:
-    """Create every unit and the parametrizations to register, without touching the model yet."""
+    """Create every unit and the parametrizations to register, without touching the model yet; warnings go
+    to `said`."""
     relative = config.temperature_mode == "relative"
     soft_gradient = config.schedule.anneal_soft_gradient
     known = layer_types()
@@ -371,7 +379,7 @@ def _build_units(
         for holder_name, holder in ties.get(id(weight), [(name, module)]):
             registrations.append((qualified_name(holder_name, attribute), holder, attribute, mask))
     if skipped:
-        warnings.warn(f"left dense: {sorted(skipped)} (pruner.report() says why)", stacklevel=4)
+        said.append(f"left dense: {sorted(skipped)} (pruner.report() says why)")
     if channel_modules:
         if example_inputs is None:
             raise ValueError(
@@ -385,7 +393,7 @@ def _build_units(
             units[spec.name] = group
             registrations += gated
         if dense_groups:
-            warnings.warn(f"channel groups left dense: {dense_groups}", stacklevel=4)
+            said.append(f"channel groups left dense: {dense_groups}")
             skipped |= {name if name.endswith(" heads") else f"channel group {name}": why for name, why in dense_groups.items()}
     return units, registrations, skipped
 

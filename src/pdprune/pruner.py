@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pdprune._version import __version__
-from pdprune.attach import CachedForward, attach, check_finite, qualified_name
+from pdprune.attach import attach, check_finite, qualified_name, remove_parametrizations
 from pdprune.config import PruningConfig
 from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
 from pdprune.model_io import has_batchnorm
@@ -107,7 +107,6 @@ class PDPPruner:
         orders = {id(module): list(module._parameters) for module in model.modules()}
         attached = attach(model, self.config, example_inputs)
         self._tensors = attached.tensors  # tensor name -> (module, "weight"/"bias"), every parametrized tensor
-        self._caches = attached.caches
         self._parameter_orders = [(module, orders[id(module)]) for module in {id(m): m for m, _ in self._tensors.values()}.values()]
         try:  # the masks are on the model now: any failure before the pruner exists takes them off again
             self.units, self.skipped = attached.units, attached.skipped
@@ -117,7 +116,7 @@ class PDPPruner:
             self._optimizer_steps_seen = _OPTIMIZER_STEPS
             self._update_sparsities()
         except BaseException:
-            _remove_masks(self._tensors, self._parameter_orders, self._caches)
+            _remove_masks(self._tensors, self._parameter_orders)
             raise
         self._load_hook = model.register_load_state_dict_post_hook(_RefreshAfterLoading(self))
         global _OPTIMIZER_HOOK
@@ -292,7 +291,7 @@ class PDPPruner:
             )
         baked = self._baked()
         cleared = self._cleared(baked)
-        _remove_masks(self._tensors, self._parameter_orders, self._caches)
+        _remove_masks(self._tensors, self._parameter_orders)
         with torch.no_grad():
             for name, (module, tensor_name) in self._tensors.items():
                 getattr(module, tensor_name).copy_(baked[name])
@@ -385,7 +384,7 @@ class PDPPruner:
     def detach(self) -> nn.Module:
         """Remove the soft masks and restore the dense weights, as if the pruner had never been attached."""
         self._check_attached("detach()")
-        _remove_masks(self._tensors, self._parameter_orders, self._caches)
+        _remove_masks(self._tensors, self._parameter_orders)
         self.finalized = True
         _ATTACHED.discard(self)
         self._load_hook.remove()
@@ -558,16 +557,15 @@ def _check_config(config: Any) -> None:
     raise TypeError(f"config must be a PruningConfig or None, got {type(config).__name__} {config!r}; {fix}")
 
 
-def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tuple[nn.Module, list[str]]], caches: list[CachedForward]) -> None:
-    """Remove the parametrizations registered on `tensors` and the `caches` that serve them, putting back the
-    dense Parameters they wrapped in each module's order from before (`orders`), so that `state_dict()`
-    lists its keys as it did."""
-    for cache in caches:
-        cache.remove()
+def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tuple[nn.Module, list[str]]]) -> None:
+    """Remove the parametrizations registered on `tensors`, putting back the dense Parameters they wrapped
+    in each module's order from before (`orders`), so that `state_dict()` lists its keys as it did."""
+    names_of: dict[int, list[str]] = {}
     for module, tensor_name in tensors.values():
-        if parametrize.is_parametrized(module, tensor_name):
-            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        names_of.setdefault(id(module), []).append(tensor_name)
     for module, order in orders:
+        if parametrize.is_parametrized(module):
+            remove_parametrizations(module, names_of.get(id(module), []))
         for name in order:
             if name in module._parameters:
                 module._parameters[name] = module._parameters.pop(name)  # to the end, in the old order
