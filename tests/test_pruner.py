@@ -360,6 +360,30 @@ def test_finalized_state_dict_is_what_finalize_leaves_without_touching_the_model
             torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+class _Aliased(nn.Module):
+    """One Linear held under two names and run twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.again = self.first
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.again(torch.relu(self.first(x)))))
+
+
+def test_finalized_state_dict_of_a_module_held_under_two_names_loads_into_the_plain_model():
+    torch.manual_seed(0)
+    model = _Aliased()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, schedule=IMMEDIATE))
+    state = pruner.finalized_state_dict()
+    _Aliased().load_state_dict(state)
+    pruner.finalize()
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+
+
 def test_tied_weights_share_one_mask_count_once_and_stay_tied(tmp_path):
     class TiedLanguageModel(nn.Module):
         def __init__(self) -> None:
@@ -768,8 +792,13 @@ def test_a_copy_taken_during_training_outlives_the_pruner(end):
 
 def test_warnings_come_from_the_caller_s_line_under_its_filters():
     """module= filters match the caller's module, and the default action says a warning once per line."""
+    class Scale(nn.Module):  # a weight of no layer type pdprune knows: a warning
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4, 4))
+
     def build() -> nn.Module:
-        return nn.Sequential(nn.Linear(4, 4), nn.Bilinear(4, 4, 4))  # Bilinear: of no layer type pdprune knows
+        return nn.Sequential(nn.Linear(4, 4), Scale())
 
     with warnings.catch_warnings(record=True) as said:
         warnings.resetwarnings()
@@ -782,3 +811,10 @@ def test_warnings_come_from_the_caller_s_line_under_its_filters():
         for _ in range(2):
             PDPPruner(build()).detach()
     assert len(said) == 1 and said[0].filename == __file__
+
+
+def test_a_layer_structures_pattern_that_matches_only_layers_left_out_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"layer_structures pattern '2' matches only layers that are not pruned: \{'2': 'not matched by include'\}"):
+        PDPPruner(model, PruningConfig(include=("0",), layer_structures={"2": "2:4"}))
+    assert not parametrize.is_parametrized(model[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -673,3 +674,81 @@ def test_a_failed_load_compacted_leaves_no_hook_behind(tmp_path):
     with pytest.raises(ValueError, match="does not fit this architecture"):
         load_compacted(tmp_path / "small.pt", other)
     assert not any(module._forward_hooks for module in other.modules()) and other[0].out_features == 16
+
+
+@dataclasses.dataclass
+class _Prediction:
+    logits: torch.Tensor
+
+
+class _ReturnsADataclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> _Prediction:
+        return _Prediction(self.head(self.body(x)))
+
+
+def test_a_model_returning_a_plain_dataclass_is_pruned_by_channels_and_compacts_exactly():
+    """Its tensors are outputs like a tuple's (pytree does not open a plain @dataclass)."""
+    torch.manual_seed(0)
+    model, x = _ReturnsADataclass(), torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head's channels are the model's outputs: left dense
+        pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", schedule=IMMEDIATE), example_inputs=x)
+    assert sorted(pruner.units) == ["body.0", "body.2"]
+    pruner.finalize()
+    expected = model(x).logits
+    compacted = compact(model, x)
+    assert compacted.body[0].out_features == 8
+    torch.testing.assert_close(compacted(x).logits, expected)
+
+
+class _UnscaledNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(8, affine=False)
+        self.second = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.relu(self.norm(self.first(x))))).mean((2, 3)))
+
+
+def test_channels_into_a_batchnorm_without_affine_parameters_stay_dense_with_the_reason():
+    """Its running mean, 0 when fresh, makes a zeroed channel a constant once trained, which compaction
+    cannot remove: refused at attach, not found out after training."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="channel groups left dense"):
+        pruner = PDPPruner(_UnscaledNorm(), PruningConfig(sparsity=0.5, structure="channel", exclude=("head",)),
+                           example_inputs=torch.randn(4, 3, 8, 8))
+    assert list(pruner.units) == ["second"]
+    assert "removing them changes the outputs" in pruner.report().skipped["channel group first"]
+
+
+class _ConvsIntoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 16, 3, padding=1)
+        self.second = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(torch.relu(self.second(torch.relu(self.first(x)))).mean((2, 3)))))
+
+
+@pytest.mark.parametrize("n_m_layer, dense_group", [("fc", "second"), ("second", "first")])
+def test_channels_an_n_m_layer_reads_stay_dense_so_that_compaction_keeps_its_groups_of_m(n_m_layer, dense_group):
+    torch.manual_seed(0)
+    model, x = _ConvsIntoLinear().eval(), torch.randn(2, 3, 8, 8)
+    config = PruningConfig(sparsity=0.5, structure="channel", layer_structures={n_m_layer: "2:4"}, exclude=("head",), schedule=IMMEDIATE)
+    with pytest.warns(UserWarning, match="channel groups left dense"):
+        pruner = PDPPruner(model, config, example_inputs=x)
+    assert f"its channels are inputs of ['{n_m_layer}'], pruned N:M" in pruner.report().skipped[f"channel group {dense_group}"]
+    pruner.finalize()
+    compacted = compact(model, x)
+    assert is_nm_sparse(compacted.get_submodule(n_m_layer).weight, 2, 4)

@@ -210,6 +210,11 @@ def _select_modules(model: nn.Module, config: PruningConfig, said: list[str]) ->
             skipped[name] = "matched by exclude"
         else:
             selected[name] = module
+    for pattern in config.layer_structures:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in selected):
+            left_out = {name: skipped[name] for name in candidates if fnmatch.fnmatchcase(name, pattern)}
+            raise ValueError(f"layer_structures pattern {pattern!r} matches only layers that are not pruned: {left_out}; "
+                             "select them (include/exclude) or drop the pattern")
     reparametrized = {}
     for name, module in selected.items():
         _refuse_uninitialized(name, module)
@@ -334,7 +339,7 @@ def _build_units(
     units: dict[str, MaskState] = {}
     registrations: list[Registration] = []
     skipped: dict[str, str] = {}
-    channel_modules = set()
+    channel_modules, n_m_layers = set(), set()
     ties = _tied_weights(model)
     masked_weights: set[int] = set()
     for tensor_name, (name, module, attribute) in _tensors_of(selected).items():
@@ -374,6 +379,7 @@ def _build_units(
                 skipped[tensor_name] = problem
                 continue
             mask = NMMask(n, m, weight, config.temperature, relative, config.compile_kernels, config.straight_through, soft_gradient, input_dim)
+            n_m_layers |= {holder for holder, _ in ties.get(id(weight), [(name, module)])}
         units[tensor_name] = mask
         masked_weights.add(id(weight))
         for holder_name, holder in ties.get(id(weight), [(name, module)]):
@@ -387,7 +393,7 @@ def _build_units(
                 "keyword tensors) to trace which channels and heads are coupled: "
                 "PDPPruner(model, config, example_inputs=torch.randn(1, 3, 32, 32))"
             )
-        specs, dense_groups = find_structured_units(model, example_inputs, channel_modules)
+        specs, dense_groups = find_structured_units(model, example_inputs, channel_modules, n_m_layers)
         for spec in specs:
             group, gated = _structured_unit(model, spec, config, relative)
             units[spec.name] = group

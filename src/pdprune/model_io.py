@@ -4,6 +4,7 @@ leaf by leaf."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -79,6 +80,8 @@ def tensor_leaves(outputs: Any) -> list[Tensor]:
         return [leaf for value in outputs.values() for leaf in tensor_leaves(value)]
     if isinstance(outputs, (list, tuple)):
         return [leaf for value in outputs for leaf in tensor_leaves(value)]
+    if dataclasses.is_dataclass(outputs) and not isinstance(outputs, type):  # a plain @dataclass, which pytree does not open
+        return [leaf for field in dataclasses.fields(outputs) for leaf in tensor_leaves(getattr(outputs, field.name))]
     return [leaf for leaf in _pytree.tree_leaves(outputs) if isinstance(leaf, Tensor)]
 
 

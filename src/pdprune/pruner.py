@@ -310,13 +310,16 @@ class PDPPruner:
         self._check_attached("finalized_state_dict()")
         baked = self._baked()
         cleared = self._cleared(baked)
-        holders = {f"{prefix}{'.' if prefix else ''}parametrizations.{tensor_name}.original": name
-                   for name, (module, tensor_name) in self._tensors.items()
-                   for prefix in [name[: -len(tensor_name) - 1] if name.endswith("." + tensor_name) else ""]}
+        names_of: dict[int, list[str]] = {}  # every name of a module, one held under two names (self.b = self.a) too
+        for prefix, module in self.model.named_modules(remove_duplicate=False):
+            names_of.setdefault(id(module), []).append(prefix)
+        holders = {qualified_name(prefix, f"parametrizations.{tensor_name}.original"): (qualified_name(prefix, tensor_name), name)
+                   for name, (module, tensor_name) in self._tensors.items() for prefix in names_of[id(module)]}
         state = {}
         for key, value in self.model.state_dict().items():
             if key in holders:
-                state[holders[key]] = baked[holders[key]]
+                plain, name = holders[key]
+                state[plain] = baked[name]
             elif key in cleared:
                 state[key] = cleared[key]
             elif ".parametrizations." not in key and not key.startswith("parametrizations."):

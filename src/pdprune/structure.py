@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import signal
 import threading
@@ -155,7 +156,8 @@ class _ChannelGroup:
     `members`: each coupled layer -> its output channels, one list per unit. A unit is a root channel
     with every root channel coupled to it (usually none; a fused [gate | up] projection's rows i and
     i + n feed the same neuron), so a unit's channels are scored, zeroed and removed together.
-    `reason` says why the group cannot be pruned (`members` may then be empty), or is None.
+    `reason` says why the group cannot be pruned (`members` may then be empty), or is None. `readers`:
+    the layers whose input channels go with the group's.
     """
 
     root: nn.Module
@@ -163,6 +165,7 @@ class _ChannelGroup:
     handler: Any
     members: dict[str, list[list[int]]]
     reason: str | None = None
+    readers: frozenset[str] = frozenset()
 
     def root_channels(self, units: Iterable[int]) -> list[int]:
         return [channel for unit in units for channel in self.members[self.root_name][unit]]
@@ -206,8 +209,11 @@ def _group_of(root: nn.Module, names: dict[nn.Module, str], handler, group, unit
     producers = _producers()
     pairs: dict[str, list[tuple[int, int]]] = {}  # member -> (root channel, its channel)
     reason = None
+    readers = set()
     for item in group:
         module = item.dep.target.module
+        if graph.is_in_channel_pruning_fn(item.dep.handler) and module in names:
+            readers.add(names[module])
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not module.groups == module.in_channels == module.out_channels:
             reason = reason or (f"{names.get(module, type(module).__name__)!r} is a grouped convolution (groups={module.groups}): removing its "
                                 "channels needs as many from each of its groups, which PDP's channel scores do not keep. "
@@ -236,7 +242,7 @@ def _group_of(root: nn.Module, names: dict[nn.Module, str], handler, group, unit
             reason = reason or f"{member!r} holds only some of the channels, or a varying number per channel"
     if len({len(unit) for unit in units}) != 1:
         reason = reason or "Torch-Pruning couples these channels in blocks of different sizes"
-    return _ChannelGroup(root, names[root], handler, members, reason)
+    return _ChannelGroup(root, names[root], handler, members, reason, frozenset(readers))
 
 
 def _coupled_root_channels(root: nn.Module, group, graph) -> list[set[int]]:
@@ -388,18 +394,23 @@ def _removal_is_exact(model: nn.Module, specs: list[UnitSpec], example_inputs: E
 
 
 def _perturb(model: nn.Module) -> None:
-    """Move every finite entry of the floating-point parameters by a few percent of their scale, with a
-    fixed seed (float8 and other storage formats without arithmetic stay as they are)."""
+    """Move every finite entry of the floating-point parameters and buffers by a few percent of their
+    scale, with a fixed seed: a fresh BatchNorm's running mean of 0 would hide that, without affine
+    parameters to zero, its pruned channels still pass a constant on. Positive tensors (a running
+    variance) stay positive; float8 and other storage formats without arithmetic stay as they are."""
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or not parameter.numel():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or not tensor.numel():
                 continue
-            generator = generators.setdefault(parameter.device, torch.Generator(parameter.device).manual_seed(1))
-            finite = parameter.isfinite()
-            scale = parameter.abs().where(finite, 0).sum() / finite.sum().clamp(min=1) + 1e-2
-            noise = torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
-            parameter.add_((noise * 0.05 * scale).where(finite, 0))
+            generator = generators.setdefault(tensor.device, torch.Generator(tensor.device).manual_seed(1))
+            finite = tensor.isfinite()
+            noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype) * 0.05
+            if bool((tensor.where(finite, 1) > 0).all()):
+                tensor.mul_((1 + noise.abs()).where(finite, 1))
+            else:
+                scale = tensor.abs().where(finite, 0).sum() / finite.sum().clamp(min=1)
+                tensor.add_((noise * scale.where(scale > 0, 1)).where(finite, 0))  # a tensor of zeros moves by about 0.05
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -425,8 +436,11 @@ def _check_inputs(model: nn.Module, example_inputs: ExampleInputs) -> None:
         call_model(model, example_inputs)
 
 
-def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selected: set[str]) -> tuple[list[UnitSpec], dict[str, str]]:
-    """Attention heads and groups of coupled output channels whose producers are all in `selected`.
+def find_structured_units(
+    model: nn.Module, example_inputs: ExampleInputs, selected: set[str], n_m_layers: Iterable[str] = ()
+) -> tuple[list[UnitSpec], dict[str, str]]:
+    """Attention heads and groups of coupled output channels whose producers are all in `selected`, and
+    whose channels no layer in `n_m_layers` reads (removing its input columns would break its groups of M).
 
     Returns:
         The units that are safe to prune, and unit group name -> why it is left dense, for the others.
@@ -488,6 +502,9 @@ def find_structured_units(model: nn.Module, example_inputs: ExampleInputs, selec
                                             if len(producers) > 1 else "")
         elif not set(producers) <= selected:
             skipped[name] = f"coupled with layers not selected for channel pruning: {sorted(set(producers) - selected)[:4]}"
+        elif n_m_readers := sorted(group.readers & set(n_m_layers)):
+            skipped[name] = (f"its channels are inputs of {n_m_readers[:4]}, pruned N:M: removing them would break its groups of M. "
+                             "Give the reader the channel structure too, or these layers an N:M one (layer_structures)")
         else:
             candidates.append(_channel_spec(name, group, producers, model))
     if candidates and not _removal_is_exact(model, candidates, example_inputs):
