@@ -213,6 +213,33 @@ def test_experts_run_eagerly_compute_each_masked_tensor_once_per_forward_and_as_
     assert counted_by_report["model.layers.1.mlp.experts.down_proj"] > 0.5
 
 
+def test_experts_sharded_on_their_own_keep_their_cached_forward():
+    """fully_shard(experts) puts FSDP's class in front of the module's (what it does to the class, without
+    a process group): the cached forward reaches the model's own through the MRO."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_init import _apply_to_module
+
+    model = _mixtral("eager")
+    PDPPruner(model, PruningConfig(sparsity=0.5))
+    expected = _outputs(model, _text(False))
+    _apply_to_module((model.model.layers[0].mlp.experts,), {}, FSDPModule, "FSDP", None)
+    assert type(model.model.layers[0].mlp.experts).__bases__[0] is FSDPModule
+    torch.testing.assert_close(_outputs(model, _text(False)), expected)
+
+
+def test_finalized_state_dict_clears_the_pruned_heads_of_a_fused_projection():
+    """GPT-2's c_attn is gated (its value rows) and cleared (its query and key rows): the state_dict for
+    FSDP2 is what finalize() leaves, so that the heads compact away after loading it."""
+    model = ARCHITECTURES["gpt2"][0]()
+    pruner = PDPPruner(model, PruningConfig(sparsity=0.5, structure="channel", include=("*.attn.*",),
+                                            schedule=ScheduleConfig(warmup_epochs=0, ramp_end_epoch=0)), example_inputs=_text(False))
+    state = pruner.finalized_state_dict()
+    pruner.finalize()
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
 def test_experts_are_a_layer_type_of_their_own_that_module_types_can_leave_out():
     import pdprune
 

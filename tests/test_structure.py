@@ -752,3 +752,22 @@ def test_channels_an_n_m_layer_reads_stay_dense_so_that_compaction_keeps_its_gro
     pruner.finalize()
     compacted = compact(model, x)
     assert is_nm_sparse(compacted.get_submodule(n_m_layer).weight, 2, 4)
+
+
+class _OddBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 16)
+        self.second = nn.Linear(16, 4)
+        self.register_buffer("offset", torch.zeros(1).expand(8), persistent=False)  # one memory location, stride 0
+        self.register_buffer("unused", torch.empty(3, device="meta"), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x + self.offset)))
+
+
+def test_an_expanded_or_meta_buffer_does_not_stop_the_removal_check():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = PDPPruner(_OddBuffers(), PruningConfig(sparsity=0.5, structure="channel"), example_inputs=torch.randn(2, 8))
+    assert list(pruner.units) == ["first"]

@@ -23,7 +23,7 @@ from pdprune.parametrizations import BoundSlice, ChannelGroup, ChannelMask, Mask
 from pdprune.structure import find_structured_units
 from pdprune.units import UnitSpec
 
-__all__ = ["Attached", "attach", "check_finite", "qualified_name"]
+__all__ = ["Attached", "attach", "check_finite", "qualified_name", "remove_masks"]
 
 
 @dataclass
@@ -67,29 +67,37 @@ def cache_per_forward(modules: Iterable[nn.Module]) -> None:
     """Compute each masked tensor of `modules` (parametrized already) once per forward pass of the module.
     Hugging Face's experts run eagerly read their 3-D weights once per expert (`gate_up_proj[expert]`), and
     every read would compute the whole masked tensor: E times the mask's time and memory. The forward is set
-    on the class parametrize made for the module, and goes with it when the masks are removed."""
+    on a class of the module's own, which deep copies taken later share, and `remove_masks` drops."""
     for module in modules:
+        _give_own_class(module)
         type(module).forward = _forward_with_cache
 
 
 def _forward_with_cache(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    inherited = type(module).__bases__[0].forward  # the model's class, under parametrize's
+    owner = next(cls for cls in type(module).__mro__ if vars(cls).get("forward") is _forward_with_cache)
+    inherited = super(owner, module).forward  # through the MRO: FSDP2 puts its own class in front
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # tracing cannot cache (compiled: see the guide)
-        return inherited(module, *args, **kwargs)
+        return inherited(*args, **kwargs)
     with parametrize.cached():  # a with-block: even a KeyboardInterrupt leaves the cache off
-        return inherited(module, *args, **kwargs)
+        return inherited(*args, **kwargs)
 
 
-def remove_parametrizations(module: nn.Module, tensor_names: Iterable[str]) -> None:
-    """Remove the parametrizations of `tensor_names` from `module`, leaving the tensors they wrap. First the
-    module gets a class of its own: deep copies of a parametrized module (an EMA model, a snapshot taken
-    during training) share its class, and removing a parametrization deletes the class's property, which
-    would leave every copy without its tensor."""
-    cls = type(module)
-    module.__class__ = type(cls.__name__, cls.__bases__, dict(vars(cls)))
+def remove_masks(module: nn.Module, tensor_names: Iterable[str]) -> None:
+    """Remove the parametrizations of `tensor_names` from `module`, leaving the tensors they wrap, and the
+    per-forward cache. First the module gets a class of its own: deep copies of a parametrized module (an
+    EMA model, a snapshot taken during training) share its class, and removing a parametrization deletes
+    the class's property, which would leave every copy without its tensor."""
+    _give_own_class(module)
     for tensor_name in tensor_names:
         if parametrize.is_parametrized(module, tensor_name):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+
+
+def _give_own_class(module: nn.Module) -> None:
+    """A copy of the module's class (parametrize's, made for it) for it alone, without pdprune's cache."""
+    cls = type(module)
+    namespace = {key: value for key, value in vars(cls).items() if value is not _forward_with_cache}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def qualified_name(module_name: str, attribute: str) -> str:
@@ -213,8 +221,8 @@ def _select_modules(model: nn.Module, config: PruningConfig, said: list[str]) ->
     for pattern in config.layer_structures:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in selected):
             left_out = {name: skipped[name] for name in candidates if fnmatch.fnmatchcase(name, pattern)}
-            raise ValueError(f"layer_structures pattern {pattern!r} matches only layers that are not pruned: {left_out}; "
-                             "select them (include/exclude) or drop the pattern")
+            raise ValueError(f"pattern {pattern!r} matches only layers that are not pruned: {left_out}; "
+                             "select them (include/exclude) or drop the pattern from layer_structures")
     reparametrized = {}
     for name, module in selected.items():
         _refuse_uninitialized(name, module)

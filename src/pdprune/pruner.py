@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pdprune._version import __version__
-from pdprune.attach import attach, check_finite, qualified_name, remove_parametrizations
+from pdprune.attach import attach, check_finite, qualified_name, remove_masks
 from pdprune.config import PruningConfig
 from pdprune.masks import batched_order_statistics, inverse_temperature, midpoint
 from pdprune.model_io import has_batchnorm
@@ -319,7 +319,7 @@ class PDPPruner:
         for key, value in self.model.state_dict().items():
             if key in holders:
                 plain, name = holders[key]
-                state[plain] = baked[name]
+                state[plain] = cleared.get(name, baked[name])  # a fused projection's pruned heads: cleared too
             elif key in cleared:
                 state[key] = cleared[key]
             elif ".parametrizations." not in key and not key.startswith("parametrizations."):
@@ -480,9 +480,12 @@ class PDPPruner:
             raise ValueError(f"the pruner state's 'config' entry is damaged ({type(error).__name__}: {error})") from None
         our_steps = our_config["schedule"].pop("steps_per_epoch")
         if saved_config != our_config:
-            changed = sorted(key for key, value in our_config.items() if saved_config.get(key) != value)
+            changed = [f"{key}: {saved_config.get(key)!r} saved, {value!r} here" if not isinstance(value, dict) else
+                       "; ".join(f"{key}.{inner}: {saved_config[key].get(inner)!r} saved, {item!r} here"
+                                 for inner, item in value.items() if saved_config[key].get(inner) != item)
+                       for key, value in sorted(our_config.items()) if saved_config.get(key) != value]
             raise ValueError(
-                f"the pruner state was saved with a different config (fields {changed} differ); "
+                f"the pruner state was saved with a different config ({'; '.join(changed)}); "
                 "create the pruner with PruningConfig.from_dict(state['config'])"
             )
         if state["finalized"]:
@@ -568,7 +571,7 @@ def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tup
         names_of.setdefault(id(module), []).append(tensor_name)
     for module, order in orders:
         if parametrize.is_parametrized(module):
-            remove_parametrizations(module, names_of.get(id(module), []))
+            remove_masks(module, names_of.get(id(module), []))
         for name in order:
             if name in module._parameters:
                 module._parameters[name] = module._parameters.pop(name)  # to the end, in the old order

@@ -401,16 +401,17 @@ def _perturb(model: nn.Module) -> None:
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or not tensor.numel():
+            if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or not tensor.numel() or tensor.is_meta:
                 continue
             generator = generators.setdefault(tensor.device, torch.Generator(tensor.device).manual_seed(1))
             finite = tensor.isfinite()
             noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype) * 0.05
             if bool((tensor.where(finite, 1) > 0).all()):
-                tensor.mul_((1 + noise.abs()).where(finite, 1))
+                moved = tensor * (1 + noise.abs()).where(finite, 1)
             else:
                 scale = tensor.abs().where(finite, 0).sum() / finite.sum().clamp(min=1)
-                tensor.add_((noise * scale.where(scale > 0, 1)).where(finite, 0))  # a tensor of zeros moves by about 0.05
+                moved = tensor + (noise * scale.where(scale > 0, 1)).where(finite, 0)  # a tensor of zeros moves by about 0.05
+            tensor.data = moved  # new memory: an expanded buffer (stride 0) cannot be written in place
 
 
 def _copy(model: nn.Module) -> nn.Module:
