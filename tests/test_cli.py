@@ -187,8 +187,11 @@ def test_a_second_run_into_the_same_out_is_refused_unless_overwrite_and_never_mi
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds a finished run (run.json); pass --overwrite to replace it" in err
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    (out / "notes").mkdir()
+    (out / "model.sparse.pt").write_bytes(b"what pdprune export wrote")
     assert main([*QUICK, "--no-dense", "--out", str(out), "--overwrite"]) == 0
-    assert sorted(path.name for path in out.iterdir()) == ["model.pt", "report.md", "run.json"], "the old model_compacted.pt is gone"
+    assert sorted(path.name for path in out.iterdir()) == ["model.pt", "model.sparse.pt", "notes", "report.md", "run.json"], (
+        "the old model_compacted.pt is gone, the files pdprune train did not write stay")
     assert json.loads((out / "run.json").read_text())["pruning_config"]["structure"] == "unstructured"
 
 

@@ -100,6 +100,15 @@ def test_cli_report_and_export(tmp_path, capsys):
     assert all(torch.equal(restored[k], original[k]) for k in original) and metadata["model_name"] == "mlp"
     assert main(["export", str(tmp_path / "model.pt"), str(tmp_path / "model.onnx"), "--format", "onnx"]) == 0
     assert (tmp_path / "model.onnx").stat().st_size > 1000
+    again = tmp_path / "from-sparse"  # the sparse file is a model file like the others: it starts a run
+    assert main(["train", "--epochs", "1", "--no-dense", "--quiet", "--pretrained", str(tmp_path / "model.sparse.pt"), "--out", str(again)]) == 0
+
+
+def test_report_on_a_tensor_without_entries(tmp_path, capsys):
+    torch.save({"conv.weight": torch.zeros(0, 3, 3, 3), "fc.weight": torch.zeros(4, 4)}, tmp_path / "empty.pt")
+    assert main(["report", str(tmp_path / "empty.pt"), "--plot", str(tmp_path / "plot.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "| conv.weight | -         | 0          |" in printed and "| fc.weight   | -         | 16         | -      | -       | 100.00% |" in printed
 
 
 def test_report_on_a_file_without_weights_says_so(tmp_path):

@@ -171,3 +171,70 @@ def test_transformers_checkpoints_take_tensors_the_masks_share(tmp_path, archite
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     pruned = {"gpt2": "lm_head.weight", "bert": "bert.encoder.layer.0.intermediate.dense.weight", "plain": "hidden.weight"}[architecture]
     assert float((straight.state_dict()[pruned] == 0).float().mean()) >= 0.4
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            ids = torch.randint(1, 64, (8,), generator=generator)
+            yield {"input_ids": ids, "labels": (ids[0] > 32).long()}
+
+
+def test_transformers_callback_counts_steps_as_the_trainer_does_and_a_second_train_fine_tunes(tmp_path):
+    """10 examples in batches of 2, gradients accumulated over 2: 5 batches, 3 optimizer steps per epoch
+    (the last one on a single batch). A second train() fine-tunes the pruned model; a stream has no
+    length, so steps_per_epoch must be given."""
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    from pdprune.integrations.transformers import PDPTrainerCallback
+
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(1, 64, (10, 8), generator=torch.Generator().manual_seed(1))
+    examples = [{"input_ids": row, "labels": (row[0] > 32).long()} for row in ids]
+    torch.manual_seed(0)
+    model = _PlainClassifier()
+    callback = PDPTrainerCallback(model, PruningConfig(sparsity=0.5, allocation="uniform", schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2)))
+    arguments = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                  num_train_epochs=3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=arguments, train_dataset=examples, callbacks=[callback])
+    trainer.train()
+    assert trainer.state.global_step == 9 and callback.pruner.schedule.config.steps_per_epoch == 3
+    assert callback.pruner.finalized and int((model.hidden.weight == 0).sum()) == 256
+    trainer.train()
+    assert int((model.hidden.weight == 0).sum()) < 256, "fine-tuned as a plain model"
+
+    stream = PDPTrainerCallback(_PlainClassifier(), PruningConfig(sparsity=0.5))
+    arguments = TrainingArguments(output_dir=str(tmp_path / "stream"), per_device_train_batch_size=2, max_steps=2,
+                                  save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"no length \(a streaming dataset\).*steps_per_epoch"):
+        Trainer(model=stream.model, args=arguments, train_dataset=_Stream(), callbacks=[stream]).train()
+
+
+def test_lightning_callback_counts_an_epoch_s_optimizer_steps_and_keeps_steps_per_epoch_it_is_given(tmp_path):
+    """5 batches, gradients accumulated over 2: 3 optimizer steps per epoch, whatever max_steps cuts."""
+    import lightning as L
+
+    from pdprune.integrations.lightning import PDPCallback
+
+    _quiet_lightning()
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+        def training_step(self, batch, batch_index):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(80, 16, generator=generator), torch.randint(0, 4, (80,), generator=generator)), batch_size=16)
+    for given, expected in ((1, 3), (5, 5)):
+        callback = PDPCallback(PruningConfig(sparsity=0.5, schedule=ScheduleConfig(warmup_epochs=1, ramp_end_epoch=2, steps_per_epoch=given)))
+        L.Trainer(max_epochs=4, max_steps=6, accumulate_grad_batches=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path).fit(Classifier(), data)
+        assert callback.pruner.schedule.config.steps_per_epoch == expected

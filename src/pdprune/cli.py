@@ -77,8 +77,9 @@ output and resume: the run goes to --out (default runs/<dataset>-<model>-<time>)
 empty, and is checkpointed there after every epoch (--out/checkpoints/, removed when the run ends).
 Interrupted (Ctrl-C, a crash), the same command resumes it from its last finished epoch, to the same
 result. An --out holding a finished run, or an unfinished run with other settings, is refused:
---overwrite deletes that earlier run first. A non-empty directory that pdprune train did not write is
-never touched, with or without --overwrite.
+--overwrite deletes that earlier run first: what pdprune train wrote (model.pt, model_compacted.pt,
+report.md, run.json, checkpoints/), not the files you or pdprune export and report added. A non-empty
+directory that pdprune train did not write is never touched, with or without --overwrite.
 """
 
 _CLI_PHRASES = (
@@ -250,7 +251,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--channels-last", action="store_true", help="NHWC layout for image models (faster convolutions on CPU)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<dataset>-<model>-<time>); see 'output and resume' below")
-    output.add_argument("--overwrite", action="store_true", help="delete the run that --out holds (finished, or unfinished with other settings) first")
+    output.add_argument("--overwrite", action="store_true", help="delete the run that --out holds (finished, or unfinished with other settings) first: the files pdprune train wrote, no others")
     output.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -384,8 +385,12 @@ def _seeded_model(args: argparse.Namespace, dataset) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     vocabulary_size = None if dataset.vocabulary is None else len(dataset.vocabulary)
     model = build_model(args.model, dataset.input_shape, dataset.num_classes, vocabulary_size=vocabulary_size)
-    if args.pretrained is not None:
-        load_pretrained(model, args.pretrained)
+    if args.pretrained is not None:  # any model file pdprune writes (model.pt, a sparse file) or a torch state_dict
+        try:
+            weights = read_state_dict(args.pretrained)[0]
+        except ValueError:
+            weights = None  # not weights pdprune reads: load_pretrained says what the file holds
+        load_pretrained(model, args.pretrained, weights)
     return model.to(args.device)
 
 
@@ -457,10 +462,16 @@ def _plan_out(out: Path, settings: dict[str, Any], overwrite: bool) -> str:
                      "choose a new or empty directory (--overwrite replaces only what pdprune train wrote)")
 
 
+TRAIN_OUTPUTS = ("model.pt", "model_compacted.pt", "report.md", "run.json")  # with CHECKPOINTS: what --overwrite replaces
+
+
 def _prepare_out(out: Path, plan: str, settings: dict[str, Any]) -> None:
+    """Make `out` ready; "replace" deletes what `pdprune train` wrote there, and nothing else (the files
+    `pdprune export` and `report` add, a user's notes)."""
     if plan == "replace":
-        for path in out.iterdir():
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        for name in TRAIN_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
     if plan in ("new", "replace"):
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         _write_text(out / CHECKPOINTS / SETTINGS, json.dumps(settings, indent=1) + "\n")

@@ -25,7 +25,7 @@ class LayerSparsity:
     @property
     def sparsity(self) -> float:
         """The fraction of this tensor's entries that are exactly zero."""
-        return self.zeros / self.parameters
+        return self.zeros / max(self.parameters, 1)  # a tensor with no entries has none zero
 
 
 @dataclass(frozen=True)

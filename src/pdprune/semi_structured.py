@@ -51,13 +51,15 @@ def to_semi_structured(model: nn.Module, backend: str = "auto") -> nn.Module:
     if backend == "cutlass" and capability[0] != 8:
         raise RuntimeError(f"CUTLASS 2:4 kernels run on compute capability 8.x only, this GPU has {capability}; use backend='cusparselt'")
     sparse_type = SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt" else SparseSemiStructuredTensorCUTLASS
-    for name, module in candidates.items():
+    for name, module in candidates.items():  # all checked before any is converted: a refused model stays as it was
         weight = module.weight
         if weight.device.type != "cuda" or weight.dtype not in SUPPORTED_DTYPES:
             raise ValueError(
                 f"{name}.weight is {weight.dtype} on {weight.device}; move the model first: model.half().cuda() "
                 "(or .to(torch.bfloat16).cuda())"
             )
+    for name, module in candidates.items():
+        weight = module.weight
         rows, columns = weight.shape
         if rows % 64 or columns % 64:
             warnings.warn(f"{name}.weight {tuple(weight.shape)} left dense: sparse kernels need both sides multiples of 64", stacklevel=2)

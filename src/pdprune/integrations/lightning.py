@@ -27,7 +27,8 @@ class PDPCallback(L.Callback):
     """PDP for a LightningModule.
 
     Args:
-        config: what to prune; its `schedule.steps_per_epoch` is set from the trainer.
+        config: what to prune; its `schedule.steps_per_epoch`, left at 1, is set from the trainer (its
+            batches per epoch over `accumulate_grad_batches`, rounded up).
         example_inputs: a batch the module accepts (needed for channel pruning only).
         submodule: the attribute of the LightningModule to prune (default: the whole module).
     """
@@ -39,17 +40,22 @@ class PDPCallback(L.Callback):
         self.pruner: PDPPruner | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Attach the pruner when fitting starts, with `steps_per_epoch` from the trainer's estimated steps.
+        """Attach the pruner when fitting starts, with `steps_per_epoch` (left at 1) from the trainer's
+        optimizer steps per epoch.
 
         Raises:
-            ValueError: the trainer has no `max_epochs`.
+            ValueError: a train dataloader without a length (an IterableDataset) and `steps_per_epoch` left at 1.
         """
         if stage != "fit" or self.pruner is not None:
             return
-        if trainer.max_epochs is None or trainer.max_epochs < 1:
-            raise ValueError("PDPCallback schedules in epochs: give the Trainer max_epochs (or set config.schedule.steps_per_epoch and max_epochs)")
-        steps_per_epoch = max(1, math.ceil(trainer.estimated_stepping_batches / trainer.max_epochs))
-        config = replace(self.config, schedule=replace(self.config.schedule, steps_per_epoch=steps_per_epoch))
+        config = self.config
+        if config.schedule.steps_per_epoch == 1:
+            trainer.estimated_stepping_batches  # sets the train dataloader up, and with it num_training_batches
+            if not math.isfinite(trainer.num_training_batches):
+                raise ValueError("the train dataloader has no length (an IterableDataset), so PDPCallback cannot count the optimizer "
+                                 "steps of an epoch: set them, PruningConfig(schedule=ScheduleConfig(steps_per_epoch=...))")
+            steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+            config = replace(config, schedule=replace(config.schedule, steps_per_epoch=steps_per_epoch))
         target = pl_module if self.submodule is None else pl_module.get_submodule(self.submodule)
         self.pruner = PDPPruner(target, config, example_inputs=self.example_inputs)
 

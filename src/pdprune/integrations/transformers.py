@@ -9,8 +9,11 @@ lies), logs the model's sparsity, and finalizes when training ends.
 
 from __future__ import annotations
 
+import math
+
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import has_length
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("PDPTrainerCallback needs transformers: pip install 'pdprune[transformers]'") from error
 from torch import Tensor, nn
@@ -29,8 +32,8 @@ class PDPTrainerCallback(TrainerCallback):
     Args:
         model: the model the Trainer trains (it is pruned in place).
         config: what to prune; set `config.schedule.steps_per_epoch` to the Trainer's optimizer steps
-            per epoch (`len(train_dataloader) // gradient_accumulation_steps`), or leave it at 1 and
-            the callback derives it when training begins.
+            per epoch, or leave it at 1 and the callback derives it when training begins (as the Trainer
+            counts them: the batches divided by `gradient_accumulation_steps`, rounded up).
         example_inputs: a batch the model accepts (needed for channel pruning only).
     """
 
@@ -40,13 +43,21 @@ class PDPTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, train_dataloader=None, **kwargs) -> None:
         """Derive `steps_per_epoch` from the dataloader if it was left at 1; when resuming, load the pruner
-        state from the Trainer state the checkpoint restored.
+        state from the Trainer state the checkpoint restored. A later `train()` fine-tunes the pruned
+        model as it is.
 
         Raises:
-            ValueError: resuming from a checkpoint written without this callback (no pruner state in it).
+            ValueError: resuming from a checkpoint written without this callback (no pruner state in it), or
+                a dataloader without a length (a streaming dataset) and `steps_per_epoch` left at 1.
         """
+        if self.pruner.finalized:
+            return
         if self.config.schedule.steps_per_epoch == 1 and train_dataloader is not None:
-            self.pruner.reschedule(max(1, len(train_dataloader) // args.gradient_accumulation_steps))
+            if not has_length(train_dataloader):
+                raise ValueError("the train dataloader has no length (a streaming dataset), so PDPTrainerCallback cannot count the "
+                                 "optimizer steps of an epoch: set them, PruningConfig(schedule=ScheduleConfig(steps_per_epoch=...)), "
+                                 "and give the schedule's epochs in those units")
+            self.pruner.reschedule(max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)))
         if state.global_step > 0:  # resuming: the Trainer has loaded the weights and its own state
             saved = (state.stateful_callbacks or {}).get(STATE_KEY)
             if saved is None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,21 +56,23 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, vocab
     return MODELS[name](tuple(input_shape), num_classes)
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_pretrained(model: nn.Module, path: str | os.PathLike, state: Mapping[str, Any] | None = None) -> nn.Module:
     """Load weights into `model` from a plain state_dict, a `{"state_dict": ...}` or `{"model": ...}`
-    checkpoint, with or without DataParallel's `module.` prefix (as in the akamaster ResNets).
+    checkpoint, with or without DataParallel's `module.` prefix (as in the akamaster ResNets); or from
+    `state`, the weights read from `path` already (e.g. by `pdprune.export.read_state_dict`).
 
     Raises:
         ValueError: the file cannot be read as weights, or its tensors do not fit the model (the first
             mismatches are named).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a file that is not weights
-        raise ValueError(
-            f"cannot read weights from {os.fspath(path)!r} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-            "pass a torch state_dict or checkpoint file"
-        ) from error
+    if state is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises many kinds for a file that is not weights
+            raise ValueError(
+                f"cannot read weights from {os.fspath(path)!r} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                "pass a torch state_dict or checkpoint file"
+            ) from error
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
