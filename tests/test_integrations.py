@@ -17,24 +17,32 @@ def _quiet_lightning():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def test_lightning_callback_prunes_logs_checkpoints_and_resumes(tmp_path):
+def _lightning_classifier(width: int, momentum: float) -> type:
+    """A LightningModule class: an MLP 16-width-4 trained with SGD (Lightning is imported only when used)."""
     import lightning as L
-
-    from pdprune.integrations.lightning import PDPCallback
-
-    _quiet_lightning()
 
     class Classifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
 
         def training_step(self, batch, batch_index):
             x, y = batch
             return torch.nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=momentum)
+
+    return Classifier
+
+
+def test_lightning_callback_prunes_logs_checkpoints_and_resumes(tmp_path):
+    import lightning as L
+
+    from pdprune.integrations.lightning import PDPCallback
+
+    _quiet_lightning()
+    Classifier = _lightning_classifier(width=64, momentum=0.9)
 
     generator = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(128, 16, generator=generator), torch.randint(0, 4, (128,), generator=generator)), batch_size=16)
@@ -219,17 +227,7 @@ def test_lightning_callback_counts_an_epoch_s_optimizer_steps_and_keeps_steps_pe
     from pdprune.integrations.lightning import PDPCallback
 
     _quiet_lightning()
-
-    class Classifier(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-
-        def training_step(self, batch, batch_index):
-            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
+    Classifier = _lightning_classifier(width=32, momentum=0.0)
 
     generator = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(80, 16, generator=generator), torch.randint(0, 4, (80,), generator=generator)), batch_size=16)

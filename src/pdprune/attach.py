@@ -143,6 +143,7 @@ def _lora_adapters(model: nn.Module) -> set[str]:
 
 
 ROUTER_NAMES = frozenset({"gate", "router"})
+ROUTER_LEFT_DENSE = "the router of a mixture of experts, which picks each token's experts: left dense"
 
 
 def _is_router(path: str, module: nn.Module, experts: int, width: int) -> bool:
@@ -192,8 +193,7 @@ def _select_modules(model: nn.Module, config: PruningConfig, said: list[str]) ->
             skipped[name] = why
     routers = _expert_routers(model, known)
     for name in routers & skipped.keys():
-        skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense (to prune it, "
-                         "declare its type with pdprune.register_layer_type, add it to module_types, and name it in include)")
+        skipped[name] = f"{ROUTER_LEFT_DENSE} (to prune it, declare its type with pdprune.register_layer_type, add it to module_types, and name it in include)"
     others = candidates.keys() - routers
     routers_named = {name for name in routers for p in config.include
                      if fnmatch.fnmatchcase(name, p) and not any(fnmatch.fnmatchcase(other, p) for other in others)}
@@ -212,8 +212,7 @@ def _select_modules(model: nn.Module, config: PruningConfig, said: list[str]) ->
         elif config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
             skipped[name] = "not matched by include"
         elif name in routers and name not in routers_named:
-            skipped[name] = ("the router of a mixture of experts, which picks each token's experts: left dense "
-                             "(an include pattern that matches routers alone prunes it)")
+            skipped[name] = f"{ROUTER_LEFT_DENSE} (an include pattern that matches routers alone prunes it)"
         elif any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             skipped[name] = "matched by exclude"
         else:

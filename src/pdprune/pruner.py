@@ -480,12 +480,8 @@ class PDPPruner:
             raise ValueError(f"the pruner state's 'config' entry is damaged ({type(error).__name__}: {error})") from None
         our_steps = our_config["schedule"].pop("steps_per_epoch")
         if saved_config != our_config:
-            changed = [f"{key}: {saved_config.get(key)!r} saved, {value!r} here" if not isinstance(value, dict) else
-                       "; ".join(f"{key}.{inner}: {saved_config[key].get(inner)!r} saved, {item!r} here"
-                                 for inner, item in value.items() if saved_config[key].get(inner) != item)
-                       for key, value in sorted(our_config.items()) if saved_config.get(key) != value]
             raise ValueError(
-                f"the pruner state was saved with a different config ({'; '.join(changed)}); "
+                f"the pruner state was saved with a different config ({'; '.join(_differences(saved_config, our_config))}); "
                 "create the pruner with PruningConfig.from_dict(state['config'])"
             )
         if state["finalized"]:
@@ -566,12 +562,12 @@ def _check_config(config: Any) -> None:
 def _remove_masks(tensors: Mapping[str, tuple[nn.Module, str]], orders: list[tuple[nn.Module, list[str]]]) -> None:
     """Remove the parametrizations registered on `tensors`, putting back the dense Parameters they wrapped
     in each module's order from before (`orders`), so that `state_dict()` lists its keys as it did."""
-    names_of: dict[int, list[str]] = {}
+    masked: dict[int, list[str]] = {}  # module -> its masked tensors
     for module, tensor_name in tensors.values():
-        names_of.setdefault(id(module), []).append(tensor_name)
+        masked.setdefault(id(module), []).append(tensor_name)
     for module, order in orders:
         if parametrize.is_parametrized(module):
-            remove_masks(module, names_of.get(id(module), []))
+            remove_masks(module, masked.get(id(module), []))
         for name in order:
             if name in module._parameters:
                 module._parameters[name] = module._parameters.pop(name)  # to the end, in the old order
@@ -587,6 +583,18 @@ def _dense(module: nn.Module, tensor_name: str) -> Tensor:
 def _write(buffers: list[Tensor], values: Tensor) -> None:
     """buffers[i] <- values[i] for 0-dim buffers of one dtype and device, in one operation."""
     torch._foreach_copy_(buffers, list(values.to(buffers[0].dtype).unbind()))
+
+
+def _differences(saved: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """'field: saved value saved, our value here' for every field that differs, nested ones as 'schedule.field'."""
+    found = []
+    for key in sorted(saved.keys() | ours.keys()):
+        old, new = saved.get(key), ours.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {old!r} saved, {new!r} here")
+    return found
 
 
 def _plain(value: Any) -> Any:
